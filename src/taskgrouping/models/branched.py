@@ -1,0 +1,179 @@
+"""The branched multi-task model: optional shared stem -> K group branches -> heads per branch.
+
+One class serves every method: naive MTL is one branch with all heads, single-task learning is N
+branches with one head each, a fixed (possibly overlapping) grouping is one branch per group, and
+DMTG is K branches each carrying all N heads. ``serves`` says which branch's head answers for a
+task at inference; :meth:`BranchedModel.prune` keeps only those heads and the branches they use.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from taskgrouping.models.backbones import build_backbone, default_backbone, output_shape
+from taskgrouping.models.heads import make_head
+from taskgrouping.tasks import Task
+
+HeadKey = tuple[int, str]
+
+
+class BranchedModel(nn.Module):
+    """Stem, branches and per-branch heads.
+
+    Args:
+        stem: module applied once to the input (``nn.Identity`` when nothing is shared).
+        branches: one module per group.
+        heads: per branch, a mapping task name -> head module (the tasks the branch is trained on).
+        serves: task name -> index of the branch whose head predicts it at inference.
+    """
+
+    def __init__(self, stem: nn.Module, branches: Sequence[nn.Module],
+                 heads: Sequence[Mapping[str, nn.Module]], serves: Mapping[str, int]) -> None:
+        super().__init__()
+        if len(branches) != len(heads):
+            raise ValueError(f"{len(branches)} branches but {len(heads)} head sets; expected one head set per branch")
+        self.stem = stem
+        self.branches = nn.ModuleList(branches)
+        # Task names are kept in lists because nn.ModuleDict rejects names containing '.'.
+        self.groups: list[list[str]] = [list(h.keys()) for h in heads]
+        self.heads = nn.ModuleList(nn.ModuleList(h.values()) for h in heads)
+        for task, k in serves.items():
+            if not 0 <= k < len(self.groups) or task not in self.groups[k]:
+                raise ValueError(f"task {task!r} is served by branch {k}, which has no head for it")
+        self.serves: dict[str, int] = dict(serves)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.serves)
+
+    def head(self, k: int, task: str) -> nn.Module:
+        return self.heads[k][self.groups[k].index(task)]
+
+    def all_head_keys(self) -> list[HeadKey]:
+        return [(k, t) for k, g in enumerate(self.groups) for t in g]
+
+    def features(self, x: Tensor, branches: Iterable[int] | None = None) -> dict[int, Tensor]:
+        """Branch outputs (the features heads read) for the requested branches."""
+        z = self.stem(x)
+        ks = range(len(self.branches)) if branches is None else sorted(set(branches))
+        return {k: self.branches[k](z) for k in ks}
+
+    def forward_heads(self, x: Tensor, keys: Iterable[HeadKey] | None = None,
+                      ) -> tuple[dict[HeadKey, Tensor], dict[int, Tensor]]:
+        """Predictions of the given heads (default: every head) and the branch features used."""
+        keys = self.all_head_keys() if keys is None else list(keys)
+        feats = self.features(x, {k for k, _ in keys})
+        return {(k, t): self.head(k, t)(feats[k]) for k, t in keys}, feats
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Task name -> prediction of its serving head (only the branches needed are run)."""
+        preds, _ = self.forward_heads(x, [(k, t) for t, k in self.serves.items()])
+        return {t: preds[(k, t)] for t, k in self.serves.items()}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the stem and the branches (everything but the heads)."""
+        return [p for m in (self.stem, self.branches) for p in m.parameters() if p.requires_grad]
+
+    def prune(self) -> "BranchedModel":
+        """A copy holding only the serving heads and the branches they read (empty ones dropped).
+
+        The copy's outputs equal this model's :meth:`forward` exactly.
+        """
+        used = sorted(set(self.serves.values()))
+        remap = {k: i for i, k in enumerate(used)}
+        heads = [{t: copy.deepcopy(self.head(k, t)) for t in self.groups[k] if self.serves.get(t) == k} for k in used]
+        return BranchedModel(copy.deepcopy(self.stem), [copy.deepcopy(self.branches[k]) for k in used], heads,
+                             {t: remap[k] for t, k in self.serves.items()})
+
+
+def default_serves(groups: Sequence[Sequence[str]]) -> dict[str, int]:
+    """Each task served by the first group that contains it."""
+    serves: dict[str, int] = {}
+    for k, g in enumerate(groups):
+        for t in g:
+            serves.setdefault(t, k)
+    return serves
+
+
+def validate_groups(groups: Sequence[Sequence[str]], task_names: Sequence[str], allow_overlap: bool = True) -> None:
+    """Raise a clear error unless ``groups`` is a cover of ``task_names`` by non-empty groups."""
+    known = set(task_names)
+    if not groups:
+        raise ValueError("grouping is empty; expected at least one group")
+    seen: list[str] = []
+    for i, g in enumerate(groups):
+        if not g:
+            raise ValueError(f"group {i} is empty; every group needs at least one task")
+        for t in g:
+            if t not in known:
+                raise ValueError(f"group {i} names unknown task {t!r}; tasks are {list(task_names)}")
+        if len(set(g)) != len(g):
+            raise ValueError(f"group {i} lists a task twice: {list(g)}")
+        seen += list(g)
+    missing = known - set(seen)
+    if missing:
+        raise ValueError(f"tasks {sorted(missing)} are in no group; every task needs a group")
+    if not allow_overlap and len(seen) != len(set(seen)):
+        raise ValueError("groups overlap but this method needs a partition")
+
+
+BackboneSpec = str | nn.Module | Callable[[], nn.Module]
+
+
+def build_branched_model(tasks: Sequence[Task], groups: Sequence[Sequence[str]], input_shape: Sequence[int],
+                         backbone: BackboneSpec | None = None, backbone_options: Mapping | None = None,
+                         shared_blocks: int = 0, serves: Mapping[str, int] | None = None,
+                         head_factory: Callable[[Task, tuple, tuple], nn.Module] = make_head) -> BranchedModel:
+    """Build a :class:`BranchedModel` with one branch per group.
+
+    Args:
+        tasks: all tasks (each must be in some group).
+        groups: task-name lists, one per branch; may overlap.
+        input_shape: shape of one input.
+        backbone: a registered backbone name (each branch freshly initialised), an ``nn.Module``
+            (deep-copied per branch, so branches start identical), or a zero-argument factory.
+            Default: ``mlp`` for vectors, ``small_cnn`` for images.
+        shared_blocks: number of leading backbone blocks shared by all branches (the stem).
+        serves: task -> branch answering for it; default the first group containing it.
+    """
+    names = [t.name for t in tasks]
+    validate_groups(groups, names)
+    by_name = {t.name: t for t in tasks}
+    input_shape = tuple(int(s) for s in input_shape)
+    backbone = backbone if backbone is not None else default_backbone(input_shape)
+    options = dict(backbone_options or {})
+
+    def new_backbone() -> nn.Module:
+        if isinstance(backbone, str):
+            return build_backbone(backbone, input_shape, **options)
+        if isinstance(backbone, nn.Module):
+            return copy.deepcopy(backbone)
+        return backbone()
+
+    def split(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+        if shared_blocks == 0:
+            return nn.Identity(), net
+        if not isinstance(net, nn.Sequential):
+            raise ValueError("shared_blocks > 0 needs a backbone that is an nn.Sequential of blocks")
+        if not 0 <= shared_blocks <= len(net):
+            raise ValueError(f"shared_blocks={shared_blocks} but the backbone has {len(net)} blocks")
+        return net[:shared_blocks], net[shared_blocks:]
+
+    if shared_blocks < 0:
+        raise ValueError(f"shared_blocks must be >= 0, got {shared_blocks}")
+    stem, _ = split(new_backbone())
+    branches = [split(new_backbone())[1] for _ in groups]
+    feat_shape = output_shape(nn.Sequential(stem, branches[0]), input_shape)
+    heads = [{t: head_factory(by_name[t], feat_shape, input_shape) for t in g} for g in groups]
+    return BranchedModel(stem, branches, heads, dict(serves) if serves is not None else default_serves(groups))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["BranchedModel", "build_branched_model", "default_serves", "validate_groups", "count_parameters",
+           "HeadKey"]
