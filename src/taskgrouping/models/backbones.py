@@ -8,6 +8,7 @@ deterministic given torch's global RNG.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -32,10 +33,12 @@ def build_backbone(name: str, input_shape: Sequence[int], **options) -> nn.Seque
     _load_builtin_backbones()
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    try:
-        return BACKBONES[name](tuple(input_shape), **options)
-    except TypeError as exc:  # unknown option names reach the user as a config error
-        raise ValueError(f"backbone {name!r}: {exc}") from None
+    fn = BACKBONES[name]
+    accepted = [p for p in inspect.signature(fn).parameters if p != "input_shape"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"backbone {name!r}: unknown option(s) {unknown}; expected some of {accepted}")
+    return fn(tuple(input_shape), **options)
 
 
 def default_backbone(input_shape: Sequence[int]) -> str:

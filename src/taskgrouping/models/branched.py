@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from taskgrouping.models.backbones import build_backbone, default_backbone, output_shape
@@ -76,6 +77,23 @@ class BranchedModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters of the stem and the branches (everything but the heads)."""
         return [p for m in (self.stem, self.branches) for p in m.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def load_from_single_branch(self, source: "BranchedModel") -> None:
+        """Copy a one-branch model (naive MTL) into every branch and every head of the same task.
+
+        Used for warm starts: the DMTG paper starts its K branches from naive-MTL weights copied K
+        times; a given grouping can likewise start from them (DMTG Table 4).
+        """
+        if len(source.branches) != 1:
+            raise ValueError(f"warm start needs a one-branch (naive MTL) model, got {len(source.branches)} branches")
+        self.stem.load_state_dict(source.stem.state_dict())
+        for k, branch in enumerate(self.branches):
+            branch.load_state_dict(source.branches[0].state_dict())
+            for t in self.groups[k]:
+                if t not in source.groups[0]:
+                    raise ValueError(f"warm start: the naive-MTL model has no head for task {t!r}")
+                self.head(k, t).load_state_dict(source.head(0, t).state_dict())
 
     def prune(self) -> "BranchedModel":
         """A copy holding only the serving heads and the branches they read (empty ones dropped).

@@ -1,0 +1,100 @@
+"""Command-line interface: ``taskgrouping run | datasets | methods | select | tag-select``.
+
+Every user error is printed as one line ``error: ...`` on stderr with exit status 2; nothing is
+left half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Which tasks should be learned together, and how.")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def _fail(exc: BaseException) -> None:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from taskgrouping.trainer import CheckpointError, TrainingDiverged
+
+    return USER_ERRORS + (TrainingDiverged, CheckpointError)
+
+
+@app.command()
+def run(config: Optional[Path] = typer.Argument(None, help="YAML config file."),
+        preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Built-in preset (see `datasets`)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results directory."),
+        set_: list[str] = typer.Option([], "--set", "-s", help="Override a key, e.g. --set data.n_tasks=16."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table.")) -> None:
+    """Train the configured methods side by side on the same data and print the comparison table."""
+    from taskgrouping.config import build_config
+    from taskgrouping.experiment import run_experiment
+
+    try:
+        cfg = build_config(config, preset, set_)
+        if out is None:
+            if resume:
+                raise ValueError("--resume needs --out DIR (the run to continue)")
+            out = Path("runs") / f"{cfg.get('name') or 'run'}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        run_experiment(cfg, out, resume=resume, echo=(lambda s: None) if quiet else typer.echo)
+        if quiet:
+            typer.echo((out / "table.md").read_text())
+        typer.echo(f"results in {out}")
+    except _user_errors() as exc:
+        _fail(exc)
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets and presets, with the tasks of the built-in ones."""
+    from taskgrouping.config import preset_names
+    from taskgrouping.data.registry import available_datasets, load_dataset
+
+    for name, fn in available_datasets().items():
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        typer.echo(f"{name}: {doc}")
+        if name in ("planted", "digits"):
+            data = load_dataset(name)
+            typer.echo(f"    tasks: {', '.join(data.task_names)}")
+            if data.groups:
+                typer.echo(f"    known groups: {data.groups}")
+        elif name == "multimnist":
+            from taskgrouping.data.builtin import DIGIT_PROPERTIES
+
+            typer.echo(f"    tasks: {', '.join(f'{s}_{p}' for s in ('left', 'right') for p in DIGIT_PROPERTIES)}")
+    typer.echo(f"presets: {', '.join(preset_names())}")
+
+
+@app.command()
+def methods() -> None:
+    """List the methods and their options."""
+    from taskgrouping.methods.base import METHOD_OPTIONS, available_methods
+
+    for name, fn in sorted(available_methods().items()):
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        opts = ", ".join(f"{k}={v!r}" for k, v in METHOD_OPTIONS[name].items())
+        typer.echo(f"{name}: {doc}" + (f"  [options: {opts}]" if opts else ""))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["app", "main", "json"]

