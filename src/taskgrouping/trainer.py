@@ -53,8 +53,11 @@ class StepOutput:
 
 
 class Objective(Protocol):
-    """A method's training step. Optional hooks: ``param_groups(model)``, ``on_epoch_start(epoch,
-    model)``, ``on_epoch_end(epoch, model) -> dict`` (logged), ``state_dict()``, ``load_state_dict()``."""
+    """A method's training step. Optional hooks: ``param_groups(model)`` (what the main optimiser
+    updates, default every parameter), ``after_step()`` (e.g. step a method's own optimiser, which
+    must also zero its parameters' grads), ``on_epoch_start(epoch, model)``, ``on_epoch_end(epoch,
+    model) -> dict`` (merged into the epoch's log record), ``state_dict()``, ``load_state_dict()``
+    (JSON-able; saved in checkpoints)."""
 
     def __call__(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor]) -> StepOutput: ...
 
@@ -352,6 +355,8 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if hasattr(objective, "after_step"):
+                objective.after_step()
             for name, loss in out.losses.items():
                 sums[name] = sums.get(name, 0.0) + float(loss.detach())
             n_batches += 1
