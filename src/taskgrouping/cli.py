@@ -89,6 +89,35 @@ def methods() -> None:
         typer.echo(f"{name}: {doc}" + (f"  [options: {opts}]" if opts else ""))
 
 
+@app.command()
+def select(losses: Path = typer.Option(..., "--losses", help="Per-network validation losses (Standley results "
+                                        "file or CSV) used to choose networks."),
+           report: Optional[Path] = typer.Option(None, "--report", help="Per-network test losses to report."),
+           approx: str = typer.Option("optimal", "--approx", help="optimal | hoa | esa"),
+           early: Optional[Path] = typer.Option(None, "--early", help="Losses early in training (for esa)."),
+           budgets: str = typer.Option("1:5:0.5", "--budgets", help="start:stop:step (inclusive) or a,b,c"),
+           solver: str = typer.Option("search", "--solver", help="search (Standley's branch and bound) | milp"),
+           tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task names for the columns "
+                                               "of a Standley results file."),
+           as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Standley et al. network selection under inference-time budgets."""
+    from taskgrouping.grouping.network_selection import select_cli
+
+    try:
+        curve = select_cli(str(losses), budgets, report=str(report) if report else None, approx=approx,
+                           early=str(early) if early else None, solver=solver,
+                           tasks=tasks.split(",") if tasks else None)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(curve))
+        return
+    typer.echo("| budget | total | networks |\n|---|---|---|")
+    for budget, sel in curve.items():
+        nets = "; ".join("{" + ",".join(n["tasks"]) + f"}}x{n['cost']:g}" for n in sel["networks"])
+        typer.echo(f"| {budget} | {sel['total']:.6f} | {nets} |")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
@@ -97,4 +126,4 @@ def main() -> None:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["app", "main", "json"]
+__all__ = ["app", "main"]

@@ -280,11 +280,17 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         checkpoint_dir: where to write a checkpoint after every epoch (``None``: no checkpoints).
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
         log: called with one JSON-able record per epoch.
-        callbacks: objects with an optional ``on_step(step, output, model)`` method (e.g. diagnostics).
+        callbacks: objects with optional hooks ``on_batch_start(step, model, batch)`` (before the
+            forward pass; may change parameters temporarily, e.g. TAG's lookahead, if it restores
+            them) and ``on_step(step, output, model, batch)`` (after the forward pass, graph alive,
+            before the backward pass; must not touch ``.grad``: use ``torch.autograd.grad`` with
+            ``retain_graph=True``, e.g. diagnostics), ``on_epoch_end(epoch) -> dict`` (merged into the
+            epoch's log record) and ``state_dict()`` / ``load_state_dict()`` (saved in checkpoints).
     """
     config = config or TrainConfig()
     tasks = list(tasks)
     objective = objective or TaskLossObjective(tasks)
+    callbacks = list(callbacks)
     balancer = balancer or Balancer()
     device = resolve_device(config.device)
     model.to(device)
@@ -317,13 +323,15 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         for obj, key in ((objective, "objective"), (balancer, "balancer")):
             if hasattr(obj, "load_state_dict") and state.get(key) is not None:
                 obj.load_state_dict(state[key])
+        for cb, cb_state in zip(callbacks, state.get("callbacks") or []):
+            if cb_state is not None and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(cb_state)
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         elapsed = float(state.get("elapsed", 0.0))
 
     writer = _tensorboard_writer(config, checkpoint_dir)
     bar = _progress(range(start_epoch, config.epochs), desc, config.progress, initial=start_epoch,
                     total=config.epochs)
-    callbacks = list(callbacks)
     step = sum(h.get("steps", 0) for h in history)
     stopped = False
     for epoch in bar:
@@ -339,19 +347,22 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         for x, targets in train_loader:
             x = x.to(device, non_blocking=True)
             targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+            for cb in callbacks:
+                if hasattr(cb, "on_batch_start"):
+                    cb.on_batch_start(step, model, (x, targets))
             with autocast:
                 out = objective(model, x, targets)
             for name, loss in out.losses.items():
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"loss of task {name!r} became {float(loss)} at epoch {epoch}, "
                                            f"step {step}; lower train.lr or check the task's targets")
+            for cb in callbacks:
+                if hasattr(cb, "on_step"):
+                    cb.on_step(step, out, model, (x, targets))
             optimizer.zero_grad(set_to_none=True)
             if out.extra_loss is not None:
                 out.extra_loss.backward(retain_graph=True)
-            logs = balancer.backward(out.losses, shared, list(out.features.values()) or None)
-            for cb in callbacks:
-                if hasattr(cb, "on_step"):
-                    cb.on_step(step, out, model)
+            balancer.backward(out.losses, shared, list(out.features.values()) or None)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -367,6 +378,9 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
                                   "train_loss": train_losses}
         if hasattr(objective, "on_epoch_end"):
             record.update(objective.on_epoch_end(epoch, model) or {})
+        for cb in callbacks:
+            if hasattr(cb, "on_epoch_end"):
+                record.update(cb.on_epoch_end(epoch) or {})
         val = evaluate(model, val_loader, tasks, predict, device)
         val_loss = total_loss(val)
         record["val"] = val
@@ -392,7 +406,8 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
                 "epoch": epoch if not stopped else config.epochs - 1, "history": history, "best": best, "elapsed": elapsed,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
-                "balancer": balancer.state_dict(), "seed": seed, "config": asdict(config)})
+                "balancer": balancer.state_dict(), "seed": seed, "config": asdict(config),
+                "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks]})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(train=f"{sum(train_losses.values()):.4f}", val=f"{val_loss:.4f}")
     if writer is not None:

@@ -37,8 +37,9 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
             n_val: int = 500, n_test: int = 2000, seed: int = 0) -> TaskData:
     """Tasks in planted groups that compete for encoder capacity.
 
-    Group g owns a random nonlinear feature map ``h_g(x) = tanh(W_g x)`` with ``W_g`` of shape
-    ``feature_dim x input_dim``; task i of group g reads ``y_i = a_i . h_g(x) / sqrt(feature_dim) + noise * e``
+    Group g owns a random nonlinear feature map ``h_g(x) = tanh(2 W_g x)`` with ``W_g`` of shape
+    ``feature_dim x input_dim`` (orthonormal rows, mutually orthogonal across groups when
+    ``groups x feature_dim <= input_dim``, so that tasks of different groups are independent); task i of group g reads ``y_i = a_i . h_g(x) / sqrt(feature_dim) + noise * e``
     with a random unit-scale readout ``a_i``, standardised to unit variance. Tasks of one group share
     features (learning them together pools their labels); tasks of different groups share nothing
     (one small encoder must split its capacity between groups). ``task_type="classification"``
@@ -72,8 +73,14 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
     n_all = n_train + n_val + n_test
     x = torch.randn(n_all, input_dim, generator=g)
     names, groups, ys = [], [], []
+    n_groups = len(group_sizes)
+    if n_groups * feature_dim <= input_dim:  # orthonormal projections: groups are exactly independent
+        q, _ = torch.linalg.qr(torch.randn(input_dim, input_dim, generator=g))
+        projections = [q[:, i * feature_dim:(i + 1) * feature_dim].T for i in range(n_groups)]
+    else:
+        projections = [torch.randn(feature_dim, input_dim, generator=g) / input_dim ** 0.5 for _ in group_sizes]
     for gi, size in enumerate(group_sizes):
-        w = torch.randn(feature_dim, input_dim, generator=g) / input_dim ** 0.5
+        w = projections[gi]
         h = torch.tanh(2.0 * x @ w.T)
         members = []
         for j in range(size):
@@ -169,7 +176,9 @@ def multimnist(n_train: int = 4000, n_val: int = 1000, n_test: int = 2000, image
             digits = labels[idx]
             for prop, members in DIGIT_PROPERTIES.items():
                 targets[f"{side}_{prop}"] = torch.from_numpy(np.isin(digits, list(members)).astype(np.int64))
-        datasets.append(TensorTaskDataset(x.contiguous(), targets))
+        ds = TensorTaskDataset(x.contiguous(), targets)
+        ds.source_indices = torch.from_numpy(pick.T.copy())  # (n, 2): left / right digit's row in mnist_5k
+        datasets.append(ds)
     groups = [[n for n in names if n.startswith(side)] for side in sides]
     info = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, offset=offset,
                 source_split=list(source_split), seed=int(seed), source=str(mnist_5k_path().name))
