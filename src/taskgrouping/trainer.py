@@ -354,7 +354,7 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
                 out = objective(model, x, targets)
             for name, loss in out.losses.items():
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss of task {name!r} became {float(loss)} at epoch {epoch}, "
+                    raise TrainingDiverged(f"loss of task {name!r} became {float(loss.detach())} at epoch {epoch}, "
                                            f"step {step}; lower train.lr or check the task's targets")
             for cb in callbacks:
                 if hasattr(cb, "on_step"):

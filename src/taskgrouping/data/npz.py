@@ -72,7 +72,7 @@ def npz(path: str | None = None) -> TaskData:
             if t == "binary":
                 bad = ~np.isnan(col) & ~np.isin(col, (0.0, 1.0))
                 if bad.any():
-                    raise ValueError(f"{file}: task {n!r} (binary) has label {col[bad][0]!r} in y_{split}; "
+                    raise ValueError(f"{file}: task {n!r} (binary) has label {float(col[bad][0])!r} in y_{split}; "
                                      "expected 0, 1 or NaN")
                 targets[n] = torch.from_numpy(np.where(np.isnan(col), -1, col).astype(np.int64))
             else:

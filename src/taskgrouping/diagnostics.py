@@ -1,0 +1,451 @@
+"""Diagnostics of multi-task training: how task gradients and feature saliencies relate.
+
+The measures of Mao et al. (2024), "Robust Analysis of Multi-Task Learning Efficiency":
+
+* **GDS** (gradient direction similarity): mean over ordered task pairs i != j of
+  cos(g_i, g_j). 1 = all tasks pull the shared weights the same way, -1 = opposite (T = 2).
+* **GMS** (gradient magnitude similarity): mean over i != j of
+  2 ||g_i|| ||g_j|| / (||g_i||^2 + ||g_j||^2). 1 = equal norms; a norm ratio r gives 2r / (1 + r^2).
+  The paper prints ||g_i||^2 + ||g_j||^2 with a typo in the denominator; this is the corrected form.
+* **FD** (feature disentanglement): with the saliency s_ij = |dL_i / dZ_j| of task i at position j
+  of the shared features Z, p_ij = s_ij / sum_k s_kj and FD = mean_j of -sum_i p_ij log p_ij
+  (natural log, so 0 <= FD <= log T). Lower = each feature element serves fewer tasks.
+* **Ranking similarity**: the fraction of ordered item pairs on which two rankings agree; the
+  paper reports |S - 0.5| to judge how faithfully an identifier (e.g. FD) orders methods the way
+  their test performance does, whichever direction the correlation has.
+
+Here g_i is the gradient of task i's loss w.r.t. the shared parameters ("param" level) or w.r.t.
+the shared features Z (the cheap "feature" level that the fast gradient surrogate uses). Feature
+gradients are kept per sample: g_i is the whole tensor dL_i/dZ flattened, batch dimension
+included, never summed over the batch. The losses are taken as given (unweighted by any
+balancer): the measures describe the tasks, not a method's weighting of them.
+
+Everything is computed with :func:`torch.autograd.grad` (``create_graph=False``), which returns
+gradients instead of accumulating them, so the parameters' ``.grad`` is never read or written.
+:class:`DiagnosticsCallback` uses this to log the measures during training without changing the
+training run; call it *before* the step's backward pass, while the graph still exists.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MEASURES: tuple[str, ...] = ("gds", "gms", "fd")
+_LABELS = {
+    "gds": "GDS (gradient direction similarity)",
+    "gms": "GMS (gradient magnitude similarity)",
+    "fd": "FD (task entropy per feature, nats)",
+}
+
+Level = Literal["param", "feature"]
+FeatureArg = Tensor | Sequence[Tensor] | Mapping[Any, Tensor] | None
+
+
+# -- per-task gradients ---------------------------------------------------------------------------
+
+def _as_tensor_list(tensors: FeatureArg) -> list[Tensor]:
+    if tensors is None:
+        return []
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    if isinstance(tensors, Mapping):
+        return list(tensors.values())
+    return list(tensors)
+
+
+def task_gradients(losses: Mapping[str, Tensor], wrt: Tensor | Sequence[Tensor],
+                   retain_graph: bool = True) -> Tensor:
+    """Per-task gradients, flattened and stacked: row i is dL_i/d(wrt), shape ``[T, P]``.
+
+    ``wrt`` is the shared parameters (P = their total size) or the shared feature tensors (P = all
+    their elements, batch included). Tensors a loss does not reach get zero gradient; a loss with
+    no graph (e.g. a task with no valid label in the batch) gets a zero row.
+
+    Args:
+        losses: task name -> scalar loss; row order follows the mapping.
+        wrt: tensors requiring grad, concatenated in the given order along P.
+        retain_graph: keep the autograd graph after the last task's pass (the default), so that the
+            caller can still run the training backward on the same losses. With ``False`` the graph
+            is freed by the last differentiation (earlier ones always retain it).
+
+    The result is detached and costs T x P memory; ``.grad`` of ``wrt`` is left untouched.
+    """
+    if not losses:
+        raise ValueError("losses is empty; expected at least one task loss")
+    inputs = _as_tensor_list(wrt)
+    if not inputs:
+        raise ValueError("wrt is empty; expected the shared parameters or feature tensors")
+    for k, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"wrt[{k}] is a {type(t).__name__}; expected a torch.Tensor")
+        if not t.requires_grad:
+            raise ValueError(f"wrt[{k}] (shape {tuple(t.shape)}) does not require grad; pass parameters, or "
+                             "features from a forward pass run with grad enabled")
+    for name, loss in losses.items():
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss of task {name!r} must be a scalar tensor, got {shape}")
+    sizes = [t.numel() for t in inputs]
+    dtype = inputs[0].dtype
+    out = torch.zeros(len(losses), sum(sizes), dtype=dtype, device=inputs[0].device)
+    live = [i for i, loss in enumerate(losses.values()) if loss.requires_grad]
+    names = list(losses)
+    for n, i in enumerate(live):
+        keep = retain_graph or n < len(live) - 1
+        try:
+            grads = torch.autograd.grad(losses[names[i]].reshape(()), inputs, retain_graph=keep,
+                                        create_graph=False, allow_unused=True, materialize_grads=True)
+        except RuntimeError as exc:
+            if "second time" in str(exc):
+                raise RuntimeError(f"the graph of task {names[i]!r}'s loss was already freed; compute "
+                                   "diagnostics before the training backward pass (or retain its graph)") from exc
+            raise
+        start = 0
+        for g, size in zip(grads, sizes):
+            out[i, start:start + size].copy_(g.reshape(-1))
+            start += size
+    return out
+
+
+def task_saliency(losses: Mapping[str, Tensor], features: Tensor | Sequence[Tensor],
+                  retain_graph: bool = True) -> Tensor:
+    """Saliency |dL_i/dZ_j| of every task at every feature element, shape ``[T, N]``."""
+    return task_gradients(losses, features, retain_graph=retain_graph).abs()
+
+
+# -- gradient similarity --------------------------------------------------------------------------
+
+def _gram(G: Tensor, name: str) -> Tensor:
+    """Validated Gram matrix G G^T of per-task gradients ``[T, P]``, as float64 ``[T, T]``.
+
+    Only the T x T result is checked for NaN/inf (a non-finite gradient makes its Gram row
+    non-finite), which keeps the check cheap for millions of parameters.
+    """
+    if not isinstance(G, Tensor):
+        G = torch.as_tensor(np.asarray(G, dtype=np.float64))
+    if G.dim() != 2:
+        raise ValueError(f"{name} expects per-task gradients of shape [T, P], got shape {tuple(G.shape)}")
+    if G.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 tasks (rows), got {G.shape[0]}")
+    G = G.detach()
+    if not G.is_floating_point():
+        G = G.to(torch.float64)
+    gram = (G @ G.T).to(torch.float64)
+    if not torch.isfinite(gram).all():
+        raise ValueError(f"{name}: the gradients contain NaN or inf (or overflow when squared)")
+    return gram
+
+
+def _off_diagonal_mean(M: Tensor) -> float:
+    T = M.shape[0]
+    off = M[~torch.eye(T, dtype=torch.bool, device=M.device)]
+    defined = off[~torch.isnan(off)]
+    return float(defined.mean()) if defined.numel() else math.nan
+
+
+def _cosine_from_gram(gram: Tensor) -> Tensor:
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, gram / torch.where(denom > 0, denom, 1.0), torch.nan)
+
+
+def _magnitude_from_gram(gram: Tensor) -> Tensor:
+    sq = gram.diagonal().clamp_min(0)
+    norms = sq.sqrt()
+    denom = sq[:, None] + sq[None, :]
+    return torch.where(denom > 0, 2 * norms[:, None] * norms[None, :] / torch.where(denom > 0, denom, 1.0),
+                       torch.nan)
+
+
+def gradient_direction_matrix(G: Tensor) -> Tensor:
+    """Pairwise cosine similarities cos(g_i, g_j), ``[T, T]`` float64.
+
+    Entries involving a zero gradient are undefined and set to NaN.
+    """
+    return _cosine_from_gram(_gram(G, "gradient_direction_matrix"))
+
+
+def gradient_magnitude_matrix(G: Tensor) -> Tensor:
+    """Pairwise magnitude similarities 2 |g_i| |g_j| / (|g_i|^2 + |g_j|^2), ``[T, T]`` float64.
+
+    A zero gradient against a non-zero one scores 0; two zero gradients are undefined (NaN).
+    """
+    return _magnitude_from_gram(_gram(G, "gradient_magnitude_matrix"))
+
+
+def gradient_direction_similarity(G: Tensor) -> float:
+    """GDS: mean cosine similarity over ordered pairs i != j of the rows of ``G`` ([T, P]).
+
+    Pairs involving a zero gradient are left out; NaN when no pair is defined.
+    """
+    return _off_diagonal_mean(gradient_direction_matrix(G))
+
+
+def gradient_magnitude_similarity(G: Tensor) -> float:
+    """GMS: mean of 2 |g_i| |g_j| / (|g_i|^2 + |g_j|^2) over ordered pairs i != j of the rows of ``G``.
+
+    Pairs of two zero gradients are left out; NaN when no pair is defined.
+    """
+    return _off_diagonal_mean(gradient_magnitude_matrix(G))
+
+
+# -- feature disentanglement ----------------------------------------------------------------------
+
+def _mean_task_entropy(S: Tensor) -> float:
+    """Mean over positions with some saliency of the task entropy; ``S`` is [T, N] and >= 0."""
+    total = S.sum(dim=0)
+    if not torch.isfinite(total).all():
+        raise ValueError("saliency (feature gradients) contains NaN or inf")
+    n_used = int((total > 0).sum())
+    if n_used == 0:
+        return math.nan
+    # Columns with total 0 give p = 0 and entropy 0, so they add nothing to the sum; dividing by
+    # the number of used columns leaves them out of the mean without copying the used ones.
+    p = S / torch.where(total > 0, total, 1.0)
+    plogp = p * p.clamp_min(torch.finfo(p.dtype).tiny).log()  # exactly 0 at p = 0 and p = 1
+    return float(-plogp.sum(dim=0).sum(dtype=torch.float64) / n_used)
+
+
+def feature_disentanglement_from_saliency(saliency: Tensor) -> float:
+    """FD from a saliency tensor ``[T, ...]`` (task first, any feature positions after).
+
+    At each position j, p_ij = s_ij / sum_k s_kj and H_j = -sum_i p_ij log p_ij (natural log,
+    0 log 0 = 0); FD is the mean of H_j over positions. Positions where every task's saliency is
+    0 carry no task at all, so they have no distribution over tasks and are left out of the mean
+    (NaN when no position is left). Range [0, log T]: 0 when each position serves one task,
+    log T when all tasks are equally salient everywhere. Computed in the saliency's floating
+    dtype (float32 gives about 1e-6 relative precision).
+    """
+    if not isinstance(saliency, Tensor):
+        saliency = torch.as_tensor(np.asarray(saliency, dtype=np.float64))
+    if saliency.dim() < 2:
+        raise ValueError(f"saliency must have shape [T, positions...], got shape {tuple(saliency.shape)}")
+    S = saliency.detach().reshape(saliency.shape[0], -1)
+    if not S.is_floating_point():
+        S = S.to(torch.float64)
+    if (S < 0).any():
+        raise ValueError("saliency must be non-negative (absolute gradients); got negative entries")
+    return _mean_task_entropy(S)
+
+
+def feature_disentanglement(losses: Mapping[str, Tensor], features: Tensor | Sequence[Tensor],
+                            retain_graph: bool = True) -> float:
+    """FD of the task losses on the shared features (all elements, batch included); see
+    :func:`feature_disentanglement_from_saliency`."""
+    return feature_disentanglement_from_saliency(task_saliency(losses, features, retain_graph=retain_graph))
+
+
+# -- ranking similarity ---------------------------------------------------------------------------
+
+def _as_vector(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    v = np.asarray(x, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"ranking_similarity: {name} must be 1-D (one score or rank per item), got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"ranking_similarity: {name} contains NaN or inf")
+    return v
+
+
+def ranking_similarity(a: Any, b: Any) -> float:
+    """Fraction of ordered item pairs (i, j), i != j, on which ``a`` and ``b`` order i and j alike.
+
+    ``a`` and ``b`` are per-item scores or ranks in the *same orientation* (compare ranks with
+    ranks; negate one vector if its "better" direction is opposite). A pair agrees when
+    sign(a_i - a_j) == sign(b_i - b_j); so a tie agrees only with a tie, and a tie in one vector
+    against a strict order in the other counts as a disagreement. Without ties this equals
+    (1 + Kendall's tau) / 2. 1 = same order, 0 = reversed order, 0.5 = unrelated.
+    """
+    u, v = _as_vector(a, "a"), _as_vector(b, "b")
+    if u.shape != v.shape:
+        raise ValueError(f"ranking_similarity: a has {u.size} items but b has {v.size}; expected the same items")
+    n = u.size
+    if n < 2:
+        raise ValueError(f"ranking_similarity needs at least 2 items, got {n}")
+    su = np.sign(u[:, None] - u[None, :])
+    sv = np.sign(v[:, None] - v[None, :])
+    agree = (su == sv) & ~np.eye(n, dtype=bool)
+    return float(agree.sum() / (n * (n - 1)))
+
+
+def ranking_similarity_gap(a: Any, b: Any) -> float:
+    """|S - 0.5| with S = :func:`ranking_similarity`: how far from unrelated, in either direction."""
+    return abs(ranking_similarity(a, b) - 0.5)
+
+
+# -- all measures at once -------------------------------------------------------------------------
+
+def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(measures, str):
+        measures = (measures,)
+    ms = tuple(str(m).lower() for m in measures)
+    if not ms:
+        raise ValueError(f"measures is empty; expected some of {MEASURES}")
+    bad = [m for m in ms if m not in MEASURES]
+    if bad:
+        raise ValueError(f"unknown measure(s) {bad}; expected some of {MEASURES}")
+    if len(set(ms)) != len(ms):
+        raise ValueError(f"measures lists a measure twice: {list(ms)}")
+    return ms
+
+
+def diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | None = None,
+             features: FeatureArg = None, level: Level = "param",
+             measures: Sequence[str] = MEASURES) -> dict[str, float]:
+    """The requested measures for one batch, from one differentiation pass per task.
+
+    GDS/GMS use gradients w.r.t. ``shared_params`` (``level="param"``) or ``features``
+    (``level="feature"``); FD always uses ``features``. Parameters and features are
+    differentiated together, so FD costs nothing extra at the param level. The graph is retained.
+    """
+    ms = _check_measures(measures)
+    if level not in ("param", "feature"):
+        raise ValueError(f"level must be 'param' or 'feature', got {level!r}")
+    feats = _as_tensor_list(features)
+    params = _as_tensor_list(shared_params)
+    wants_grads = "gds" in ms or "gms" in ms
+    if ("fd" in ms or (wants_grads and level == "feature")) and not feats:
+        raise ValueError("features are needed for FD and for level='feature'; pass the shared feature tensors")
+    if wants_grads and level == "param" and not params:
+        raise ValueError("shared_params are needed for GDS/GMS at level='param'")
+    use_params = wants_grads and level == "param"
+    wrt = (params if use_params else []) + (feats if ("fd" in ms or not use_params) else [])
+    G = task_gradients(losses, wrt, retain_graph=True)
+    n_params = sum(p.numel() for p in params) if use_params else 0
+    gram = _gram(G[:, :n_params] if use_params else G, "diagnose") if wants_grads else None
+    out: dict[str, float] = {}
+    for m in ms:
+        if m == "gds":
+            out[m] = _off_diagonal_mean(_cosine_from_gram(gram))
+        elif m == "gms":
+            out[m] = _off_diagonal_mean(_magnitude_from_gram(gram))
+        else:
+            out[m] = _mean_task_entropy(G[:, n_params:].abs())
+    return out
+
+
+# -- training callback ----------------------------------------------------------------------------
+
+class DiagnosticsCallback:
+    """Logs GDS / GMS / FD every ``every`` steps during training, without changing the run.
+
+    The trainer calls ``cb.on_step(step, losses, shared_params, features)`` *before* the step's
+    backward pass (the graph must still exist). Gradients come from :func:`torch.autograd.grad`
+    with ``retain_graph=True, create_graph=False``, so ``.grad``, the optimiser, the RNG and the
+    training trajectory are unchanged. Cost per measurement: one backward pass per task through
+    the shared trunk at ``level="param"``; only through the heads at ``level="feature"``.
+
+    Attributes:
+        history: one dict per measured step, ``{"step": int, <measure>: float, ...}`` with the
+            requested measures (NaN where undefined, e.g. all task gradients zero).
+    """
+
+    def __init__(self, every: int = 10, level: Level = "param", measures: Sequence[str] = MEASURES) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer (steps between measurements), got {every!r}")
+        if level not in ("param", "feature"):
+            raise ValueError(f"level must be 'param' or 'feature', got {level!r}")
+        self.every = every
+        self.level: Level = level
+        self.measures = _check_measures(measures)
+        self.history: list[dict[str, float]] = []
+
+    def on_step(self, step: int, losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | None = None,
+                features: FeatureArg = None) -> dict[str, float] | None:
+        """Measure at steps divisible by ``every``; return the new history entry, else None."""
+        if step % self.every:
+            return None
+        entry: dict[str, Any] = {"step": int(step)}
+        entry.update(diagnose(losses, shared_params, features, self.level, self.measures))
+        self.history.append(entry)
+        return entry
+
+    def plot(self, path: str | Path, name: str = "run") -> Path:
+        """Write this run's trajectories (one panel per measure) to ``path``."""
+        return plot_trajectories({name: self.history}, path, measures=self.measures)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "level": self.level, "measures": list(self.measures),
+                "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the history of a run with the same level and measures (resume)."""
+        for key in ("level", "measures", "history"):
+            if key not in state:
+                raise ValueError(f"diagnostics state lacks key {key!r}; expected every, level, measures, history")
+        if state["level"] != self.level:
+            raise ValueError(f"diagnostics state has level {state['level']!r} but this callback uses {self.level!r}")
+        if tuple(state["measures"]) != self.measures:
+            raise ValueError(f"diagnostics state has measures {list(state['measures'])} but this callback "
+                             f"uses {list(self.measures)}")
+        history = []
+        for i, h in enumerate(state["history"]):
+            if "step" not in h:
+                raise ValueError(f"diagnostics state history[{i}] has no 'step'")
+            history.append(dict(h))
+        self.history = history
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+def plot_trajectories(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                      measures: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Trajectory plots in the manner of Mao et al. Figures 3-5: one panel per measure, one line
+    per run (measure value against training step). Written with the Agg canvas, no pyplot state.
+
+    Args:
+        histories: run name -> history (list of ``{"step", <measure>...}`` dicts).
+        path: image file to write (format from the suffix, e.g. ``.png``/``.pdf``); parent
+            directories are created.
+        measures: panels to draw; default every measure present in some history.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not histories:
+        raise ValueError("histories is empty; expected {run_name: history}")
+    for run, hist in histories.items():
+        for i, h in enumerate(hist):
+            if "step" not in h:
+                raise ValueError(f"history of run {run!r}: entry {i} has no 'step'")
+    if measures is None:
+        present = {k for hist in histories.values() for h in hist for k in h}
+        ms = tuple(m for m in MEASURES if m in present)
+        if not ms:
+            raise ValueError(f"no history holds any of the measures {MEASURES}")
+    else:
+        ms = _check_measures(measures)
+    fig = Figure(figsize=(4.2 * len(ms), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(ms), squeeze=False)[0]
+    for ax, m in zip(axes, ms):
+        for run, hist in histories.items():
+            pts = [(h["step"], h[m]) for h in hist if m in h]
+            if pts:
+                steps, values = zip(*sorted(pts))
+                ax.plot(steps, values, label=str(run), linewidth=1.4)
+        ax.set_title(_LABELS[m], fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+__all__ = [
+    "MEASURES", "task_gradients", "task_saliency", "gradient_direction_matrix", "gradient_magnitude_matrix",
+    "gradient_direction_similarity", "gradient_magnitude_similarity", "feature_disentanglement",
+    "feature_disentanglement_from_saliency", "ranking_similarity", "ranking_similarity_gap", "diagnose",
+    "DiagnosticsCallback", "plot_trajectories",
+]

@@ -1,0 +1,299 @@
+"""Mao et al. (2024) diagnostics: hand-computed values, a SciPy peer for ranking similarity, and the
+invariant that logging the measures leaves training bit-for-bit unchanged."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kendalltau
+from torch import nn
+
+from taskgrouping.diagnostics import (
+    DiagnosticsCallback,
+    diagnose,
+    feature_disentanglement,
+    feature_disentanglement_from_saliency,
+    gradient_direction_matrix,
+    gradient_direction_similarity,
+    gradient_magnitude_matrix,
+    gradient_magnitude_similarity,
+    plot_trajectories,
+    ranking_similarity,
+    ranking_similarity_gap,
+    task_gradients,
+)
+
+
+# -- GDS / GMS ------------------------------------------------------------------------------------
+
+def test_gds_identical_opposite_orthogonal():
+    g = torch.tensor([1.0, -2.0, 0.5])
+    assert gradient_direction_similarity(torch.stack([g, 3 * g, 0.1 * g])) == pytest.approx(1.0)
+    assert gradient_direction_similarity(torch.stack([g, -2 * g])) == pytest.approx(-1.0)
+    assert gradient_direction_similarity(torch.eye(4)) == pytest.approx(0.0)
+
+
+def test_gds_hand_computed_three_tasks():
+    # pairs: (e1, e2) -> 0, (e1, e1+e2) -> 1/sqrt2, (e2, e1+e2) -> 1/sqrt2
+    G = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert gradient_direction_similarity(G) == pytest.approx(2 / math.sqrt(2) / 3)
+    M = gradient_direction_matrix(G)
+    assert torch.allclose(M, M.T) and torch.allclose(M.diagonal(), torch.ones(3, dtype=M.dtype))
+    assert M[0, 2].item() == pytest.approx(1 / math.sqrt(2))
+
+
+def test_gms_equal_norms_and_norm_ratio():
+    assert gradient_magnitude_similarity(torch.tensor([[3.0, 4.0], [5.0, 0.0], [0.0, -5.0]])) == pytest.approx(1.0)
+    for r in (0.5, 3.0, 10.0):
+        G = torch.tensor([[1.0, 0.0], [0.0, r]])
+        assert gradient_magnitude_similarity(G) == pytest.approx(2 * r / (1 + r * r))
+    assert gradient_magnitude_similarity(torch.tensor([[1.0, 0.0], [0.0, 3.0]])) == pytest.approx(0.6)
+    # three tasks with norms 1, 2, 4: pairs 2*2/5, 2*4/17, 2*8/20
+    G = torch.diag(torch.tensor([1.0, 2.0, 4.0]))
+    assert gradient_magnitude_similarity(G) == pytest.approx((0.8 + 8 / 17 + 0.8) / 3)
+    assert gradient_magnitude_matrix(G)[1, 2].item() == pytest.approx(0.8)
+
+
+def test_zero_gradient_pairs():
+    G = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    # cosine is undefined with the zero row: only the (0, 2) pair counts
+    assert gradient_direction_similarity(G) == pytest.approx(1 / math.sqrt(2))
+    assert math.isnan(gradient_direction_matrix(G)[0, 1].item())
+    # magnitude: zero vs non-zero scores 0; pairs 0, 2*sqrt2/3, 0
+    assert gradient_magnitude_similarity(G) == pytest.approx((2 * math.sqrt(2) / 3) / 3)
+    assert math.isnan(gradient_direction_similarity(torch.zeros(2, 3)))
+    assert math.isnan(gradient_magnitude_similarity(torch.zeros(2, 3)))
+
+
+def test_similarity_bad_input():
+    with pytest.raises(ValueError, match="at least 2 tasks"):
+        gradient_direction_similarity(torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"\[T, P\]"):
+        gradient_magnitude_similarity(torch.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        gradient_direction_similarity(torch.tensor([[1.0, float("nan")], [1.0, 0.0]]))
+
+
+# -- feature disentanglement ----------------------------------------------------------------------
+
+def test_fd_zero_when_each_position_serves_one_task():
+    torch.manual_seed(0)
+    Z = torch.randn(5, 12, requires_grad=True)
+    w = torch.randn(5, 12)
+    # task i reads only columns 4i..4i+3 (with non-zero weights), so every position has one task
+    losses = {f"t{i}": (w[:, 4 * i:4 * i + 4] * Z[:, 4 * i:4 * i + 4]).sum() * (i + 1) for i in range(3)}
+    assert feature_disentanglement(losses, Z) == 0.0
+
+
+def test_fd_log_t_when_all_tasks_equally_salient():
+    torch.manual_seed(0)
+    Z = torch.randn(4, 6, requires_grad=True)
+    signs = [1.0, -1.0, 1.0, -1.0]  # |dL_i/dZ_j| = 1 for every task and position
+    losses = {f"t{i}": (s * Z).sum() for i, s in enumerate(signs)}
+    assert feature_disentanglement(losses, Z) == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_fd_hand_computed_and_empty_positions_excluded():
+    # one position with saliencies 1 and 3: p = (1/4, 3/4); one with a single task; one with none
+    S = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert feature_disentanglement_from_saliency(S) == pytest.approx(h / 2)
+    assert math.isnan(feature_disentanglement_from_saliency(torch.zeros(3, 4)))
+    with pytest.raises(ValueError, match="non-negative"):
+        feature_disentanglement_from_saliency(-S)
+
+
+def test_fd_over_several_feature_tensors_and_batch():
+    Z1 = torch.ones(2, 3, requires_grad=True)
+    Z2 = torch.ones(2, 3, requires_grad=True)
+    # Z1 serves both tasks with saliency 1 each (entropy log 2); Z2 only task b (entropy 0)
+    losses = {"a": Z1.sum(), "b": (Z1 - 2 * Z2).sum()}
+    assert feature_disentanglement(losses, [Z1, Z2]) == pytest.approx(math.log(2) / 2)
+
+
+# -- ranking similarity ---------------------------------------------------------------------------
+
+def test_ranking_self_reverse_and_hand_case():
+    r = [3.0, 1.0, 4.0, 1.5, 9.0]
+    assert ranking_similarity(r, r) == 1.0
+    assert ranking_similarity(r, [-x for x in r]) == 0.0
+    assert ranking_similarity([1, 2, 3, 4], [4, 3, 2, 1]) == 0.0
+    # one swapped pair out of six: 5/6
+    assert ranking_similarity([1, 2, 3, 4], [2, 1, 3, 4]) == pytest.approx(5 / 6)
+    # two swapped pairs, (0,1) and (2,3): 4/6
+    assert ranking_similarity([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(4 / 6)
+    assert ranking_similarity_gap([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(1 / 6)
+    assert ranking_similarity_gap(r, [-x for x in r]) == 0.5
+
+
+def test_ranking_ties():
+    # tie in a vs strict order in b disagrees; tie vs tie agrees
+    assert ranking_similarity([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / 6)
+    assert ranking_similarity([1, 1, 2, 3], [5, 5, 6, 7]) == 1.0
+
+
+def test_ranking_matches_kendall_tau_without_ties():
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 12):
+        a, b = rng.normal(size=n), rng.normal(size=n)
+        tau = kendalltau(a, b).statistic
+        assert ranking_similarity(a, torch.tensor(b)) == pytest.approx((1 + tau) / 2)
+
+
+def test_ranking_bad_input():
+    with pytest.raises(ValueError, match="4 items but b has 3"):
+        ranking_similarity([1, 2, 3, 4], [1, 2, 3])
+    with pytest.raises(ValueError, match="at least 2 items"):
+        ranking_similarity([1], [1])
+    with pytest.raises(ValueError, match="NaN"):
+        ranking_similarity([1, float("nan")], [1, 2])
+
+
+# -- task gradients on a model --------------------------------------------------------------------
+
+class TinyMTL(nn.Module):
+    def __init__(self, n_tasks: int = 3) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(n_tasks))
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) for h in self.heads], z
+
+
+def _losses(model, x, ys):
+    preds, z = model(x)
+    return {f"t{i}": ((p - y) ** 2).mean() for i, (p, y) in enumerate(zip(preds, ys))}, z
+
+
+def test_task_gradients_match_manual_autograd_and_leave_grad_alone():
+    torch.manual_seed(0)
+    model = TinyMTL()
+    x, ys = torch.randn(7, 5), [torch.randn(7) for _ in range(3)]
+    shared = list(model.trunk.parameters())
+    losses, z = _losses(model, x, ys)
+    G = task_gradients(losses, shared)
+    assert G.shape == (3, sum(p.numel() for p in shared))
+    assert all(p.grad is None for p in model.parameters())
+    for i in range(3):  # reference: a fresh forward and a plain .backward() per task
+        ref = copy.deepcopy(model)
+        _losses(ref, x, ys)[0][f"t{i}"].backward()
+        manual = torch.cat([p.grad.reshape(-1) for p in ref.trunk.parameters()])
+        assert torch.allclose(G[i], manual, atol=1e-6)
+    # feature-level gradients: dL_i/dz is the head weight times the residual, per sample
+    Gz = task_gradients(losses, z)
+    preds, _ = model(x)
+    for i in range(3):
+        expected = (2 / 7 * (preds[i] - ys[i]))[:, None] * model.heads[i].weight
+        assert torch.allclose(Gz[i].reshape(7, 6), expected.detach(), atol=1e-6)
+    # the graph was retained: the training backward still works
+    torch.stack(list(losses.values())).sum().backward()
+
+
+def test_task_gradients_unreached_and_constant_losses():
+    w = torch.ones(3, requires_grad=True)
+    v = torch.ones(2, requires_grad=True)
+    G = task_gradients({"a": (2 * w).sum(), "none": torch.tensor(0.5)}, [w, v])
+    assert torch.equal(G, torch.tensor([[2.0, 2, 2, 0, 0], [0, 0, 0, 0, 0]]))
+
+
+def test_task_gradients_errors():
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="does not require grad"):
+        task_gradients({"a": w.sum()}, [torch.ones(3)])
+    with pytest.raises(ValueError, match="task 'a' must be a scalar"):
+        task_gradients({"a": w * 2}, [w])
+    loss = (w * 2).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="before the training backward"):
+        task_gradients({"a": loss}, [w])
+
+
+# -- callback -------------------------------------------------------------------------------------
+
+def _train(model, callback, steps=12, seed=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    grads_at_measured = []
+    for step in range(steps):
+        x = torch.randn(16, 5, generator=gen)
+        ys = [torch.randn(16, generator=gen) for _ in range(len(model.heads))]
+        opt.zero_grad(set_to_none=True)
+        losses, z = _losses(model, x, ys)
+        if callback is not None:
+            entry = callback.on_step(step, losses, list(model.trunk.parameters()), [z])
+            if entry is not None:
+                assert all(p.grad is None for p in model.parameters())
+        torch.stack(list(losses.values())).sum().backward()
+        grads_at_measured.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return grads_at_measured
+
+
+@pytest.mark.parametrize("level", ["param", "feature"])
+def test_callback_leaves_training_identical(level):
+    torch.manual_seed(0)
+    base = TinyMTL()
+    plain, logged = copy.deepcopy(base), copy.deepcopy(base)
+    cb = DiagnosticsCallback(every=3, level=level)
+    g_plain = _train(plain, None)
+    g_logged = _train(logged, cb)
+    for a, b in zip(g_plain, g_logged):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for p, q in zip(plain.parameters(), logged.parameters()):
+        assert torch.equal(p, q)
+    assert [h["step"] for h in cb.history] == [0, 3, 6, 9]
+    for h in cb.history:
+        assert set(h) == {"step", "gds", "gms", "fd"}
+        assert -1 <= h["gds"] <= 1 and 0 <= h["gms"] <= 1 and 0 <= h["fd"] <= math.log(3)
+
+
+def test_callback_values_equal_standalone_functions():
+    torch.manual_seed(0)
+    model = TinyMTL()
+    losses, z = _losses(model, torch.randn(9, 5), [torch.randn(9) for _ in range(3)])
+    shared = list(model.trunk.parameters())
+    G = task_gradients(losses, shared)
+    entry = DiagnosticsCallback(every=5).on_step(10, losses, shared, [z])
+    assert entry == pytest.approx({"step": 10, "gds": gradient_direction_similarity(G),
+                                   "gms": gradient_magnitude_similarity(G), "fd": feature_disentanglement(losses, z)},
+                                  rel=1e-5)
+    feat = diagnose(losses, features={0: z}, level="feature", measures=("gds",))
+    assert feat == pytest.approx({"gds": gradient_direction_similarity(task_gradients(losses, z))}, rel=1e-5)
+    assert DiagnosticsCallback(every=5).on_step(11, losses, shared, [z]) is None
+
+
+def test_callback_config_errors_and_state_roundtrip():
+    with pytest.raises(ValueError, match="every"):
+        DiagnosticsCallback(every=0)
+    with pytest.raises(ValueError, match="level"):
+        DiagnosticsCallback(level="layer")
+    with pytest.raises(ValueError, match="unknown measure"):
+        DiagnosticsCallback(measures=("gds", "pcgrad"))
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="features are needed"):
+        DiagnosticsCallback().on_step(0, {"a": w.sum(), "b": (2 * w).sum()}, [w], None)
+    cb = DiagnosticsCallback(every=2, level="feature", measures=("gds", "fd"))
+    cb.history = [{"step": 0, "gds": 0.5, "fd": 0.3}, {"step": 2, "gds": 0.4, "fd": 0.2}]
+    resumed = DiagnosticsCallback(every=2, level="feature", measures=("gds", "fd"))
+    resumed.load_state_dict(cb.state_dict())
+    assert resumed.history == cb.history
+    with pytest.raises(ValueError, match="level 'feature'"):
+        DiagnosticsCallback(level="param", measures=("gds", "fd")).load_state_dict(cb.state_dict())
+
+
+def test_plots_written(tmp_path):
+    cb = DiagnosticsCallback(every=1)
+    cb.history = [{"step": s, "gds": 0.1 * s, "gms": 0.9, "fd": 1.0 - 0.05 * s} for s in range(5)]
+    single = cb.plot(tmp_path / "one.png")
+    assert single.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and single.stat().st_size > 1000
+    other = [{"step": s, "gds": -0.1 * s, "gms": 0.5, "fd": 0.8} for s in range(0, 5, 2)]
+    multi = plot_trajectories({"naive": cb.history, "grouped": other}, tmp_path / "sub" / "multi.pdf")
+    assert multi.read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(ValueError, match="entry 0 has no 'step'"):
+        plot_trajectories({"bad": [{"gds": 1.0}]}, tmp_path / "bad.png")

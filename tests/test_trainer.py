@@ -1,0 +1,78 @@
+"""Trainer: same seed -> same numbers, resume -> same numbers, divergence and bad checkpoints reported."""
+
+import json
+
+import pytest
+import torch
+
+from taskgrouping.data.base import make_loader
+from taskgrouping.data.builtin import planted
+from taskgrouping.models.branched import build_branched_model
+from taskgrouping.trainer import CheckpointError, TrainConfig, TrainingDiverged, evaluate, train
+
+
+def _setup(seed=0):
+    data = planted(n_tasks=4, group_sizes=[2, 2], input_dim=8, feature_dim=3, n_train=128, n_val=64, n_test=64)
+    torch.manual_seed(seed)
+    model = build_branched_model(data.tasks, [data.task_names[:2], data.task_names[2:]], data.input_shape,
+                                 backbone="mlp", backbone_options={"widths": [16, 8]})
+    return data, model
+
+
+def _fit(model, data, epochs, **kw):
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, progress=False, schedule="step", step_size=2)
+    return train(model, make_loader(data.train, 32, True), make_loader(data.val, 32, False), data.tasks, cfg,
+                 seed=5, **kw)
+
+
+def test_same_seed_same_numbers():
+    data, m1 = _setup()
+    _, m2 = _setup()
+    r1, r2 = _fit(m1, data, 3), _fit(m2, data, 3)
+    for (k1, v1), (k2, v2) in zip(r1.model.state_dict().items(), r2.model.state_dict().items()):
+        assert torch.equal(v1, v2), k1
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+    data, m_full = _setup()
+    full = _fit(m_full, data, 4)
+    data, m_part = _setup()
+    _fit(m_part, data, 2, checkpoint_dir=tmp_path)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["epoch"] == 1
+    # a fresh model object, as after a crash, continues from epoch 2 to 4
+    _, m_new = _setup(seed=123)
+    cfg_epochs = 4
+    resumed = _fit(m_new, data, cfg_epochs, checkpoint_dir=tmp_path, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    e1 = evaluate(full.model, make_loader(data.test, 64, False), data.tasks)
+    e2 = evaluate(resumed.model, make_loader(data.test, 64, False), data.tasks)
+    assert e1 == e2
+
+
+def test_nan_loss_names_the_task():
+    data, model = _setup()
+    data.train.targets["g1_t0"][5] = float("inf")
+    with pytest.raises(TrainingDiverged, match="task 'g1_t0'"):
+        _fit(model, data, 1)
+
+
+def test_unreadable_checkpoint(tmp_path):
+    data, model = _setup()
+    _fit(model, data, 1, checkpoint_dir=tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    _, fresh = _setup()
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        _fit(fresh, data, 2, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_early_stopping_and_best_epoch_restored():
+    data, model = _setup()
+    cfg = TrainConfig(epochs=30, batch_size=32, lr=0.05, early_stopping=2, progress=False)
+    res = train(model, make_loader(data.train, 32, True), make_loader(data.val, 32, False), data.tasks, cfg)
+    assert res.epochs_run < 30
+    best_val = min(h["val_total_loss"] for h in res.history)
+    now = evaluate(res.model, make_loader(data.val, 64, False), data.tasks)
+    assert sum(m["loss"] for m in now.values()) == pytest.approx(best_val, rel=1e-6)
