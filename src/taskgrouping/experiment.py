@@ -116,13 +116,17 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
         echo(f"[{name}] training on {data.name} ({len(data.tasks)} tasks, K={config['K']}, seed={config['seed']})")
         t0 = time.perf_counter()
         res = methods[name](ctx)
+        variants = res.extra.pop("variants", {})
         record = method_record(res, data)
         record["wall_seconds"] = time.perf_counter() - t0
+        record["variants"] = {f"{name}/{v}": method_record(r, data) for v, r in variants.items()}
         if res.model is not None:
             _save_model(out / "models" / f"{name}.safetensors", res.model)
         atomic_write_text(partial, json.dumps(record, indent=1, default=_json_float))
         results[name] = record
         echo(f"[{name}] total test loss {record['total_test_loss']:.4f}; groups {record['grouping']}")
+    for name in list(results):  # variants (e.g. DMTG's grouping retrained) become rows of their own
+        results.update(results[name].pop("variants", {}) or {})
     summary = summarise(config, data, results)
     summary.update(started=started, finished=datetime.now(timezone.utc).isoformat(), versions=versions(),
                    git_revision=git_revision(), out_dir=str(out))

@@ -62,8 +62,14 @@ def register_balancer(name: str) -> Callable:
     return deco
 
 
-def get_balancer(name: str, **options: Any) -> Balancer:
-    """Instantiate the balancer registered as ``name`` (case-insensitive)."""
+def get_balancer(name: str, tasks: Sequence[str] | None = None, **options: Any) -> Balancer:
+    """Instantiate the balancer registered as ``name`` (case-insensitive).
+
+    ``tasks`` (the task names) is passed to balancers that keep per-task state from the start
+    (uncertainty weighting, GradNorm, IMTL); unknown options are a ``ValueError`` naming the balancer.
+    """
+    import inspect
+
     import importlib
 
     try:  # the full suite registers itself on import
@@ -74,4 +80,13 @@ def get_balancer(name: str, **options: Any) -> Balancer:
     key = name.lower()
     if key not in BALANCERS:
         raise ValueError(f"unknown balancer {name!r}; expected one of {sorted(BALANCERS)}")
-    return BALANCERS[key](**options)
+    factory = BALANCERS[key]
+    params = inspect.signature(factory).parameters
+    if tasks is not None and "tasks" in params and "tasks" not in options:
+        options = dict(options, tasks=list(tasks))
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise ValueError(f"balancer {name!r}: unknown option(s) {unknown}; expected some of "
+                             f"{sorted(p for p in params if p != 'self')}")
+    return factory(**options)

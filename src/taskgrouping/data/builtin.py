@@ -33,8 +33,8 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 @register_dataset("planted")
 def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_dim: int = 32,
-            feature_dim: int = 16, noise: float = 0.5, task_type: str = "regression", n_train: int = 1000,
-            n_val: int = 500, n_test: int = 2000, seed: int = 0) -> TaskData:
+            feature_dim: int = 8, noise: float = 1.0, task_type: str = "regression", n_train: int = 500,
+            n_val: int = 500, n_test: int = 2000, within_group_similarity: float = 0.7, seed: int = 0) -> TaskData:
     """Tasks in planted groups that compete for encoder capacity.
 
     Group g owns a random nonlinear feature map ``h_g(x) = tanh(2 W_g x)`` with ``W_g`` of shape
@@ -50,6 +50,9 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
         group_sizes: sizes of the planted groups (sum = N); default: 3 groups as equal as possible.
         input_dim, feature_dim: input dimension and per-group feature dimension.
         noise: standard deviation of the label noise relative to the signal (before standardisation).
+        within_group_similarity: expected cosine between the readouts of two tasks of one group, in
+            [0, 1): readout ``a_i = sqrt(s) a_g + sqrt(1 - s) e_i`` around a group direction ``a_g``.
+            0 gives independent readouts; higher values make group-mates closer (more to pool).
         task_type: ``"regression"`` or ``"classification"``.
         n_train, n_val, n_test: samples per split.
         seed: generator seed (features, readouts, inputs and noise).
@@ -66,6 +69,8 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
     for name in ("input_dim", "feature_dim", "n_train", "n_val", "n_test"):
         _check_positive(name, locals()[name])
     _check_positive("noise", noise, allow_zero=True)
+    if not 0 <= within_group_similarity < 1:
+        raise ValueError(f"data.within_group_similarity must be in [0, 1), got {within_group_similarity!r}")
     if task_type not in ("regression", "classification"):
         raise ValueError(f"data.task_type must be 'regression' or 'classification', got {task_type!r}")
 
@@ -82,9 +87,11 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
     for gi, size in enumerate(group_sizes):
         w = projections[gi]
         h = torch.tanh(2.0 * x @ w.T)
+        a_group = torch.randn(feature_dim, generator=g)
         members = []
         for j in range(size):
-            a = torch.randn(feature_dim, generator=g)
+            e = torch.randn(feature_dim, generator=g)
+            a = within_group_similarity ** 0.5 * a_group + (1 - within_group_similarity) ** 0.5 * e
             y = h @ a / feature_dim ** 0.5
             y = y + noise * y.std() * torch.randn(n_all, generator=g)
             y = (y - y[:n_train].mean()) / y[:n_train].std()
@@ -101,7 +108,8 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
         targets = {n: y.unsqueeze(1) for n, y in zip(names, ys)}
     splits = _split_tensors(x, targets, (n_train, n_val, n_test))
     info = dict(n_tasks=n_tasks, group_sizes=group_sizes, input_dim=input_dim, feature_dim=feature_dim,
-                noise=noise, task_type=task_type, n_train=n_train, n_val=n_val, n_test=n_test, seed=int(seed))
+                noise=noise, task_type=task_type, n_train=n_train, n_val=n_val, n_test=n_test,
+                within_group_similarity=within_group_similarity, seed=int(seed))
     return TaskData("planted", tasks, *splits, input_shape=(input_dim,), groups=groups, info=info)
 
 

@@ -28,7 +28,8 @@ def build_model(ctx: MethodContext, grouping: Grouping) -> BranchedModel:
 def fit_model(ctx: MethodContext, model: BranchedModel, tag: str, **train_kw) -> tuple[TrainResult, dict, dict]:
     """Train ``model`` (checkpoints under ``tag``) and return (train result, val metrics, test metrics)."""
     train_loader, val_loader, test_loader = ctx.loaders()
-    balancer = get_balancer(ctx.balancer.get("name", "ew"), **ctx.balancer.get("options", {}))
+    balancer = get_balancer(ctx.balancer.get("name", "ew"), tasks=ctx.data.task_names,
+                            **(ctx.balancer.get("options") or {}))
 
     def log(record: dict) -> None:
         ctx.log(dict(record, network=tag))
@@ -67,7 +68,8 @@ def naive_mtl_model(ctx: MethodContext) -> BranchedModel:
 def naive_mtl(ctx: MethodContext) -> MethodResult:
     """All tasks share one network (one branch, N heads)."""
     res = fit_grouping(ctx, Grouping.partition([ctx.data.task_names], method="naive_mtl"), "naive_mtl")
-    ctx.cache.setdefault("naive_mtl_model", res.model)
+    if "naive_mtl_model" not in ctx.cache:
+        ctx.cache.update(naive_mtl_model=res.model, naive_mtl_seconds=res.train_seconds)
     return res
 
 

@@ -9,6 +9,9 @@ task at inference; :meth:`BranchedModel.prune` keeps only those heads and the br
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -45,6 +48,8 @@ class BranchedModel(nn.Module):
             if not 0 <= k < len(self.groups) or task not in self.groups[k]:
                 raise ValueError(f"task {task!r} is served by branch {k}, which has no head for it")
         self.serves: dict[str, int] = dict(serves)
+        #: how to rebuild this architecture (set by :func:`build_branched_model` for registered backbones)
+        self.spec: dict | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -103,8 +108,11 @@ class BranchedModel(nn.Module):
         used = sorted(set(self.serves.values()))
         remap = {k: i for i, k in enumerate(used)}
         heads = [{t: copy.deepcopy(self.head(k, t)) for t in self.groups[k] if self.serves.get(t) == k} for k in used]
-        return BranchedModel(copy.deepcopy(self.stem), [copy.deepcopy(self.branches[k]) for k in used], heads,
-                             {t: remap[k] for t, k in self.serves.items()})
+        pruned = BranchedModel(copy.deepcopy(self.stem), [copy.deepcopy(self.branches[k]) for k in used], heads,
+                               {t: remap[k] for t, k in self.serves.items()})
+        if self.spec is not None:
+            pruned.spec = dict(self.spec, groups=pruned.groups, serves=pruned.serves)
+        return pruned
 
 
 def default_serves(groups: Sequence[Sequence[str]]) -> dict[str, int]:
@@ -186,7 +194,59 @@ def build_branched_model(tasks: Sequence[Task], groups: Sequence[Sequence[str]],
     branches = [split(new_backbone())[1] for _ in groups]
     feat_shape = output_shape(nn.Sequential(stem, branches[0]), input_shape)
     heads = [{t: head_factory(by_name[t], feat_shape, input_shape) for t in g} for g in groups]
-    return BranchedModel(stem, branches, heads, dict(serves) if serves is not None else default_serves(groups))
+    model = BranchedModel(stem, branches, heads, dict(serves) if serves is not None else default_serves(groups))
+    if isinstance(backbone, str) and head_factory is make_head:
+        model.spec = {"tasks": [asdict(t) for t in tasks], "groups": [list(g) for g in groups],
+                      "serves": model.serves, "input_shape": list(input_shape), "backbone": backbone,
+                      "backbone_options": options, "shared_blocks": shared_blocks}
+    return model
+
+
+def save_branched(model: BranchedModel, path: str | Path) -> None:
+    """Write ``path.safetensors`` (weights) and ``path.json`` (architecture) for :func:`load_branched`.
+
+    Only models built by :func:`build_branched_model` from a registered backbone carry the spec
+    needed to rebuild them; others should be saved with their own code.
+    """
+    if model.spec is None:
+        raise ValueError("this model has no architecture spec (built from a custom backbone); save its "
+                         "state_dict and rebuild it with your own code")
+    from safetensors.torch import save_file
+
+    base = Path(path)
+    weights = base.with_suffix(".safetensors")
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    spec_file = base.with_suffix(".json")
+    tmp = spec_file.with_name(spec_file.name + ".tmp")
+    tmp.write_text(json.dumps(model.spec, indent=1))
+    tmp.replace(spec_file)
+
+
+def load_branched(path: str | Path) -> BranchedModel:
+    """Rebuild a model saved by :func:`save_branched` (no pickle: JSON + safetensors)."""
+    from safetensors.torch import load_file
+
+    base = Path(path)
+    spec_file, weights = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    for f in (spec_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found; expected the pair written by save_branched")
+    try:
+        spec = json.loads(spec_file.read_text())
+        tasks = [Task(**t) for t in spec["tasks"]]
+        model = build_branched_model(tasks, spec["groups"], spec["input_shape"], backbone=spec["backbone"],
+                                     backbone_options=spec["backbone_options"],
+                                     shared_blocks=spec["shared_blocks"], serves=spec["serves"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{spec_file}: not a valid model description ({exc})") from None
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as exc:
+        raise ValueError(f"{weights}: weights do not fit the architecture in {spec_file} ({exc})") from None
+    model.eval()
+    return model
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -194,4 +254,4 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = ["BranchedModel", "build_branched_model", "default_serves", "validate_groups", "count_parameters",
-           "HeadKey"]
+           "save_branched", "load_branched", "HeadKey"]

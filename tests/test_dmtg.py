@@ -1,0 +1,129 @@
+"""DMTG: the loss is sum_k Z_ik L_ik, the pruned model answers exactly like the selected heads, gradient
+scaling scales gradients, head pruning keeps the argmax head, and bad options fail clearly."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from taskgrouping.data.builtin import planted
+from taskgrouping.grouping.grouping import Grouping
+from taskgrouping.methods.base import MethodContext
+from taskgrouping.methods.dmtg import (DMTGModel, DMTGObjective, cluster_prior, dmtg, label_affinity,
+                                       resolve_options, scale_grad)
+from taskgrouping.models.branched import build_branched_model, load_branched, save_branched
+from taskgrouping.trainer import TrainConfig
+
+
+def _data():
+    return planted(n_tasks=4, group_sizes=[2, 2], input_dim=8, feature_dim=3, n_train=96, n_val=48, n_test=48)
+
+
+def _model(data, K=2, s=None, scaling="none"):
+    torch.manual_seed(0)
+    net = build_branched_model(data.tasks, [data.task_names] * K, data.input_shape, backbone="mlp",
+                               backbone_options={"widths": [8, 4]})
+    s = torch.zeros(len(data.tasks), K) if s is None else s
+    return DMTGModel(net, data.task_names, s, scaling)
+
+
+def test_loss_is_gumbel_weighted_sum_of_head_losses():
+    data = _data()
+    model = _model(data, s=torch.tensor([[1.0, -1.0], [0.0, 0.5], [2.0, 0.0], [0.0, 0.0]]))
+    opts = resolve_options({"recipe": "paper", "tau": 0.7})
+    x, y = data.train[list(range(16))]
+    torch.manual_seed(11)
+    out = DMTGObjective(data.tasks, opts)(model, x, y)
+    torch.manual_seed(11)
+    preds, _ = model.forward_heads(x)
+    z = F.gumbel_softmax(model.S, tau=0.7, dim=1)
+    for i, t in enumerate(data.task_names):
+        expected = sum(z[i, k] * data.task(t).loss(preds[(k, t)], y[t]) for k in range(2))
+        assert out.losses[t].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_pruned_model_equals_selected_heads_and_reloads(tmp_path):
+    data = _data()
+    model = _model(data, K=3, s=torch.tensor([[2.0, 0, 0], [2.0, 0, 0], [0, 0, 3.0], [0, 0, 1.0]]))
+    x = data.test.x
+    full, _ = model.forward_heads(x, [(k, t) for k in range(3) for t in data.task_names])
+    pruned = model.pruned()
+    assert len(pruned.branches) == 2 and model.grouping().as_lists() == [["g0_t0", "g0_t1"], ["g1_t0", "g1_t1"]]
+    out = pruned(x)
+    for t, k in zip(data.task_names, model.assignment()):
+        assert torch.equal(out[t], full[(k, t)])
+    save_branched(pruned, tmp_path / "m")
+    again = load_branched(tmp_path / "m")
+    for t in data.task_names:
+        assert torch.equal(again(x)[t], out[t])
+
+
+def test_scale_grad_is_identity_forward_scaled_backward():
+    x = torch.randn(5, requires_grad=True)
+    y = scale_grad(x, 0.25)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.full((5,), 0.25))
+
+
+def test_intended_gradient_scaling_divides_branch_gradient_by_sqrt_n():
+    data = _data()
+    grads = {}
+    for scaling in ("none", "intended"):
+        model = _model(data, scaling=scaling)
+        x, y = data.train[list(range(8))]
+        preds, _ = model.forward_heads(x)
+        sum(data.task(t).loss(p, y[t]) for (k, t), p in preds.items()).backward()
+        grads[scaling] = model.net.branches[0][0][1].weight.grad.clone()
+    assert torch.allclose(grads["intended"], grads["none"] / math.sqrt(4), atol=1e-7)
+
+
+def test_head_pruning_keeps_the_assigned_head():
+    data = _data()
+    model = _model(data, K=3, s=torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0], [0.1, 0, 0]]))
+    obj = DMTGObjective(data.tasks, resolve_options({"prune_threshold": 0.05, "prune_patience": 2}))
+    obj.on_epoch_end(0, model)
+    assert int(model.live.sum()) == 12
+    log = obj.on_epoch_end(1, model)
+    # tasks 0-2: only the argmax head survives; task 3 (nearly uniform) keeps all three
+    assert log["live_heads"] == 3 + 3 and model.live[:, 3].all()
+    assert model.assignment()[:3] == [0, 1, 2]
+    x, y = data.train[list(range(8))]
+    preds, _ = model.forward_heads(x)
+    assert len(preds) == 6
+
+
+def test_label_affinity_and_cluster_prior_recover_groups():
+    data = planted(n_tasks=6, group_sizes=[3, 3], within_group_similarity=0.8, n_train=600, n_val=10, n_test=10)
+    from taskgrouping.data.base import make_loader
+
+    aff = label_affinity(make_loader(data.train, 100, False), data.tasks)
+    s = cluster_prior(aff, 2, 3.0)
+    labels = s.argmax(1).tolist()
+    assert labels[:3] == [labels[0]] * 3 and labels[3:] == [labels[3]] * 3 and labels[0] != labels[3]
+
+
+def _ctx(data, K, options, tmp_path=None):
+    return MethodContext(data=data, seed=0, K=K, train=TrainConfig(epochs=3, batch_size=32, progress=False),
+                         model={"backbone": "mlp", "options": {"widths": [8, 4]}}, balancer={"name": "ew"},
+                         options=options, name="dmtg")
+
+
+def test_dmtg_method_end_to_end_records_history():
+    data = _data()
+    res = dmtg(_ctx(data, 2, {"retrain": ["scratch"]}))
+    assert isinstance(res.grouping, Grouping) and sorted(res.grouping.tasks) == sorted(data.task_names)
+    assert set(res.per_task) == set(data.task_names)
+    assert len(res.extra["live_heads_history"]) == 3 and res.extra["live_heads_final"] >= 4
+    assert "retrain_scratch" in res.extra["variants"]
+
+
+@pytest.mark.parametrize("K, options, msg", [
+    (5, {}, "1 <= K <= number of tasks"), (0, {}, "1 <= K"), (2, {"tau": 0}, "dmtg.tau must be > 0"),
+    (2, {"tau": -1.0}, "dmtg.tau"), (2, {"init": "prior", "prior": [[0.0, 1.0]] * 3}, "N x K = 4 x 2"),
+    (2, {"recipe": "magic"}, "dmtg.recipe"), (2, {"bogus": 1}, "unknown dmtg option"),
+])
+def test_bad_options(K, options, msg):
+    with pytest.raises(ValueError, match=msg):
+        dmtg(_ctx(_data(), K, options))
