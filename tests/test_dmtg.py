@@ -127,3 +127,16 @@ def test_dmtg_method_end_to_end_records_history():
 def test_bad_options(K, options, msg):
     with pytest.raises(ValueError, match=msg):
         dmtg(_ctx(_data(), K, options))
+
+
+def test_fused_head_losses_equal_per_task_losses():
+    data = planted(n_tasks=5, group_sizes=[3, 2], task_type="classification", n_train=64, n_val=8, n_test=8)
+    model = _model(data, K=3)
+    model.live[1, 2] = False
+    x, y = data.train[list(range(32))]
+    loss, _ = model.head_losses(x, y, data.tasks)
+    preds, _ = model.forward_heads(x, [(k, t) for k in range(3) for t in data.task_names])
+    for k in range(3):
+        for i, t in enumerate(data.task_names):
+            expected = 0.0 if (k, i) == (1, 2) else data.task(t).loss(preds[(k, t)], y[t]).item()
+            assert loss[i, k].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)

@@ -118,6 +118,25 @@ def select(losses: Path = typer.Option(..., "--losses", help="Per-network valida
         typer.echo(f"| {budget} | {sel['total']:.6f} | {nets} |")
 
 
+@app.command("tag-select")
+def tag_select(affinity: Path = typer.Option(..., "--affinity", help="JSON {recipient: {source: value}}."),
+               groups: int = typer.Option(..., "--groups", "-k", help="At most this many groups."),
+               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """TAG group selection from an inter-task affinity matrix (overlap allowed)."""
+    from taskgrouping.grouping.tag import tag_select_cli
+
+    try:
+        result = tag_select_cli(affinity, groups)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for i, g in enumerate(result["groups"]):
+        served = [t for t, k in result["serves"].items() if k == i]
+        typer.echo(f"group {i}: {{{', '.join(g)}}}  serves {{{', '.join(served)}}}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -38,18 +38,22 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The paper's text: branches start from naive-MTL weights copied K times, S uniform, tau constant,
     # one optimiser for weights and S, intended gradient scaling 1/sqrt(K) into branches, 1/sqrt(N) into heads.
     "paper": dict(warm_start=True, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
-                  grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False),
+                  grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
+                  s_warmup_epochs=0),
     # The released configs: no warm start, 1/sqrt(K) applied to branches and heads (their code's bug).
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
-                       grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False),
+                       grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
+                       s_warmup_epochs=0),
     # Our default (see the module docstring and the closing notes of the DMTG issue for the evidence).
     "robust": dict(warm_start=True, init="affinity", tau=1.0, tau_schedule="constant", s_lr=0.05,
-                   grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True),
+                   grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
+                   s_warmup_epochs=0),
 }
 OPTIONS: dict[str, Any] = dict(
     recipe="robust", warm_start=None, init=None, prior=None, prior_strength=3.0, init_noise=0.1, tau=None,
     tau_schedule=None, tau_start=10.0, tau_end=0.01, tau_decay=0.9, s_lr=None, grad_scaling=None, hard=None,
     samples=None, entropy_weight=None, head_pruning=None, prune_threshold=0.02, prune_patience=2, warm_epochs=None,
+    s_warmup_epochs=None,
     affinity_batches=20, finetune_epochs=0, retrain=[],
 )
 
@@ -116,11 +120,32 @@ class DMTGModel(nn.Module):
         K, N = len(net.branches), len(task_names)
         if tuple(s_init.shape) != (N, K):
             raise ValueError(f"S must be N x K = {N} x {K}, got {tuple(s_init.shape)}")
+        if any(g != list(task_names) for g in net.groups):
+            raise ValueError("DMTG needs every branch to carry all task heads, in task order")
         self.net = net
         self.task_names = list(task_names)
         self.S = nn.Parameter(s_init.clone().float())
         self.register_buffer("live", torch.ones(K, N, dtype=torch.bool))
         self.register_buffer("low_epochs", torch.zeros(K, N, dtype=torch.long))
+        # One nn.Linear per branch holding every task's linear head ("bank"), so a step's parameter
+        # count and kernel launches do not grow with N; per-task heads are written back in pruned().
+        heads = [h for hs in net.heads for h in hs]
+        self.fused = all(isinstance(h, nn.Linear) for h in heads) and len({h.in_features for h in heads}) == 1
+        if self.fused:
+            self.out_sizes = [h.out_features for h in net.heads[0]]
+            self.offsets = [0]
+            for size in self.out_sizes:
+                self.offsets.append(self.offsets[-1] + size)
+            banks = []
+            for hs in net.heads:
+                bank = nn.Linear(hs[0].in_features, self.offsets[-1])
+                with torch.no_grad():
+                    bank.weight.copy_(torch.cat([h.weight for h in hs]))
+                    bank.bias.copy_(torch.cat([h.bias for h in hs]))
+                banks.append(bank)
+                for h in hs:
+                    h.requires_grad_(False)
+            self.banks = nn.ModuleList(banks)
         has_stem = not isinstance(net.stem, nn.Identity)
         self.branch_scale = 1 / math.sqrt(K) if grad_scaling != "none" and has_stem else 1.0
         self.head_scale = {"none": 1.0, "intended": 1 / math.sqrt(N), "authors_code": 1 / math.sqrt(K)}[grad_scaling]
@@ -154,14 +179,53 @@ class DMTGModel(nn.Module):
         z = self.net.stem(x)
         feats = {}
         preds = {}
+        index = {t: i for i, t in enumerate(self.task_names)}
         for k in sorted({k for k, _ in keys}):
             f = self.net.branches[k](scale_grad(z, self.branch_scale))
             feats[k] = f
             fh = scale_grad(f, self.head_scale)
             for kk, t in keys:
                 if kk == k:
-                    preds[(k, t)] = self.net.head(k, t)(fh)
+                    i = index[t]
+                    if self.fused:  # per-task rows of the bank: bit-identical to the pruned model's heads
+                        rows = slice(self.offsets[i], self.offsets[i + 1])
+                        preds[(k, t)] = F.linear(fh, self.banks[k].weight[rows], self.banks[k].bias[rows])
+                    else:
+                        preds[(k, t)] = self.net.heads[k][i](fh)
         return preds, feats
+
+    def head_losses(self, x: Tensor, targets: dict[str, Tensor], tasks: list[Task]) -> tuple[Tensor, dict]:
+        """The N x K matrix of live heads' batch losses L_ik (0 for dead heads) and the branch features.
+
+        Each branch's linear heads run as one matrix product and same-kind scalar tasks share one
+        vectorised loss (:func:`stacked_losses`); this keeps a step's cost nearly flat in N.
+        """
+        z = self.net.stem(x)
+        N = len(self.task_names)
+        loss = torch.zeros(N, self.K, device=x.device)
+        feats = {}
+        stacked = StackedTargets(tasks, targets)
+        for k in range(self.K):
+            idx = self.live[k].nonzero().flatten().tolist()
+            if not idx:
+                continue
+            f = self.net.branches[k](scale_grad(z, self.branch_scale))
+            feats[k] = f
+            fh = scale_grad(f, self.head_scale)
+            if self.fused:
+                bank = self.banks[k]
+                if len(idx) == N:
+                    out = bank(fh)
+                else:
+                    rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+                    out = F.linear(fh, bank.weight[rows], bank.bias[rows])
+                preds = list(out.split([self.out_sizes[i] for i in idx], dim=1))
+            else:
+                preds = [self.net.heads[k][i](fh) for i in idx]  # every branch holds all heads in task order
+            col = stacked.losses([tasks[i] for i in idx], preds, idx)
+            loss = loss.index_put((torch.tensor(idx, device=x.device), torch.full((len(idx),), k, device=x.device)),
+                                  col)
+        return loss, feats
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         assign = self.assignment()
@@ -171,15 +235,82 @@ class DMTGModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return self.net.shared_parameters()
 
+    @torch.no_grad()
+    def _sync_heads(self) -> None:
+        """Write the fused banks back into the per-task head modules."""
+        if not self.fused:
+            return
+        for k, bank in enumerate(self.banks):
+            for i, head in enumerate(self.net.heads[k]):
+                head.weight.copy_(bank.weight[self.offsets[i]:self.offsets[i + 1]])
+                head.bias.copy_(bank.bias[self.offsets[i]:self.offsets[i + 1]])
+
     def pruned(self) -> BranchedModel:
         """The one-shot result: N heads (the assigned ones), empty branches dropped."""
+        self._sync_heads()
         assign = self.assignment()
         net = BranchedModel(self.net.stem, list(self.net.branches),
                             [{t: self.net.head(k, t) for t in self.net.groups[k]} for k in range(self.K)],
                             {t: k for t, k in zip(self.task_names, assign)})
         if self.net.spec is not None:
             net.spec = dict(self.net.spec, serves=net.serves)
-        return net.prune()
+        out = net.prune()
+        for p in out.parameters():
+            p.requires_grad_(True)
+        return out
+
+
+class StackedTargets:
+    """One step's targets, stacked per kind of scalar task so that many heads' losses are computed by
+    one vectorised call; other kinds fall back to :meth:`Task.loss`. Values equal ``Task.loss``."""
+
+    def __init__(self, tasks: list[Task], targets: dict[str, Tensor]) -> None:
+        self.tasks = tasks
+        self.targets = targets
+        self._cache: dict[tuple, Tensor] = {}
+
+    @staticmethod
+    def _kind(task: Task) -> tuple | None:
+        if task.kind == "binary":
+            return ("binary",)
+        if task.kind == "regression" and task.out_channels == 1:
+            return ("regression", task.loss_type)
+        return None
+
+    def _stack(self, key: tuple, positions: list[int]) -> Tensor:
+        ck = (key, tuple(positions))
+        if ck not in self._cache:
+            cols = [self.targets[self.tasks[i].name].reshape(-1) for i in positions]
+            self._cache[ck] = torch.stack(cols, dim=1)
+        return self._cache[ck]
+
+    def losses(self, tasks: list[Task], preds: list[Tensor], positions: list[int]) -> Tensor:
+        out: list[Tensor | None] = [None] * len(tasks)
+        buckets: dict[tuple, list[int]] = {}
+        for j, t in enumerate(tasks):
+            key = self._kind(t)
+            if key is None:
+                out[j] = t.loss(preds[j], self.targets[t.name])
+            else:
+                buckets.setdefault(key, []).append(j)
+        for key, js in buckets.items():
+            tgt = self._stack(key, [positions[j] for j in js])
+            if key[0] == "binary":
+                logits = torch.stack([preds[j] for j in js], dim=2).float()  # B x 2 x n
+                y = tgt.long()
+                valid = y >= 0
+                per = F.cross_entropy(logits, y.clamp_min(0), reduction="none")
+            else:
+                p = torch.cat([preds[j] for j in js], dim=1).float()
+                y = tgt.to(p.dtype)
+                valid = ~torch.isnan(y)
+                diff = p - torch.nan_to_num(y)
+                per = diff.abs() if key[1] == "l1" else diff.square()
+            per = torch.where(valid, per, torch.zeros_like(per))
+            vals = per.sum(0) / valid.sum(0).clamp_min(1).to(per.dtype)
+            for n, j in enumerate(js):
+                out[j] = vals[n]
+        return torch.stack(out)  # type: ignore[arg-type]
 
 
 class DMTGObjective:
@@ -209,18 +340,12 @@ class DMTGObjective:
 
     def on_epoch_start(self, epoch: int, model: DMTGModel) -> None:
         self.tau = self.tau_at(epoch)
+        # S stays fixed while the branches first specialise under the initial assignment
+        model.S.requires_grad_(epoch >= int(self.opts["s_warmup_epochs"]))
 
     def __call__(self, model: DMTGModel, x: Tensor, targets: dict[str, Tensor]) -> StepOutput:
         names = model.task_names
-        preds, feats = model.forward_heads(x)
-        head_loss = torch.zeros(len(names), model.K, dtype=torch.float32, device=x.device)
-        rows, cols, vals = [], [], []
-        index = {t: i for i, t in enumerate(names)}
-        for (k, t), p in preds.items():
-            rows.append(index[t])
-            cols.append(k)
-            vals.append(self.tasks[t].loss(p, targets[t]))
-        head_loss = head_loss.index_put((torch.tensor(rows), torch.tensor(cols)), torch.stack(vals))
+        head_loss, feats = model.head_losses(x, targets, [self.tasks[t] for t in names])
         logits = model.masked_logits()
         z = torch.zeros_like(logits)
         for _ in range(int(self.opts["samples"])):
@@ -236,7 +361,7 @@ class DMTGObjective:
 
     @torch.no_grad()
     def on_epoch_end(self, epoch: int, model: DMTGModel) -> dict[str, Any]:
-        if self.opts["head_pruning"]:
+        if self.opts["head_pruning"] and epoch >= int(self.opts["s_warmup_epochs"]):
             p = model.probabilities().T  # K x N
             low = (p < float(self.opts["prune_threshold"])) & model.live
             model.low_epochs.copy_(torch.where(low, model.low_epochs + 1, torch.zeros_like(model.low_epochs)))
