@@ -82,7 +82,8 @@ def test_intended_gradient_scaling_divides_branch_gradient_by_sqrt_n():
 def test_head_pruning_keeps_the_assigned_head():
     data = _data()
     model = _model(data, K=3, s=torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0], [0.1, 0, 0]]))
-    obj = DMTGObjective(data.tasks, resolve_options({"prune_threshold": 0.05, "prune_patience": 2}))
+    obj = DMTGObjective(data.tasks, resolve_options({"prune_threshold": 0.05, "prune_patience": 2,
+                                                     "s_warmup_epochs": 0}))
     obj.on_epoch_end(0, model)
     assert int(model.live.sum()) == 12
     log = obj.on_epoch_end(1, model)

@@ -1,0 +1,172 @@
+"""DMTG cost benchmarks (run by hand; not part of the tests).
+
+1. Step time of DMTG / (K x naive-MTL step time), K = 2..5, with and without shared blocks.
+2. Step time at N = 40 / N = 9 tasks, K = 5 (planted MLP shapes and CelebA-like TAG-ResNet shapes).
+3. Live heads at the end of training / N with head pruning on, and test loss with pruning vs without
+   (planted and MultiMNIST).
+
+Timings are medians over interleaved rounds in one process (the machine is shared and noisy), one
+CPU thread. Writes benchmarks/results/dmtg.json and dmtg.md.
+
+    python benchmarks/bench_dmtg.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from taskgrouping.config import build_config
+from taskgrouping.data.builtin import planted
+from taskgrouping.experiment import prepare_data
+from taskgrouping.methods.base import MethodContext, available_methods
+from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, resolve_options
+from taskgrouping.models.branched import build_branched_model
+from taskgrouping.tasks import Task
+from taskgrouping.trainer import TaskLossObjective, TrainConfig, make_optimizer
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _step_fn(model, objective, x, y):
+    groups = objective.param_groups(model) if hasattr(objective, "param_groups") else [
+        {"params": list(model.parameters())}]
+    opt = make_optimizer(TrainConfig(lr=1e-3), groups)
+
+    def step():
+        out = objective(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        torch.stack(list(out.losses.values())).sum().backward()
+        opt.step()
+    return step
+
+
+def _time(fns: dict[str, callable], rounds: int, steps: int) -> dict[str, float]:
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():  # interleaved: every round times every variant
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                f()
+            samples[k].append((time.perf_counter() - t0) / steps)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _models(tasks, input_shape, K, backbone, options, shared_blocks):
+    names = [t.name for t in tasks]
+    torch.manual_seed(0)
+    naive = build_branched_model(tasks, [names], input_shape, backbone=backbone, backbone_options=options,
+                                 shared_blocks=shared_blocks)
+    net = build_branched_model(tasks, [names] * K, input_shape, backbone=backbone, backbone_options=options,
+                               shared_blocks=shared_blocks)
+    dmtg = DMTGModel(net, names, torch.zeros(len(names), K), "intended")
+    return naive, dmtg
+
+
+def step_ratio(quick: bool) -> list[dict]:
+    rows = []
+    settings = [("planted-mlp", "mlp", {"widths": [64, 12]}, (32,), 9, "regression", 64),
+                ("multimnist-cnn", "small_cnn", {"channels": [16, 32], "feature_dim": 64}, (1, 28, 28), 8, "binary", 128)]
+    for name, backbone, options, shape, N, kind, bs in settings:
+        tasks = [Task(f"t{i}", kind) for i in range(N)]
+        x = torch.randn(bs, *shape)
+        y = {t.name: (torch.randint(0, 2, (bs,)) if kind == "binary" else torch.randn(bs, 1)) for t in tasks}
+        for shared in (0, 1):
+            for K in (2, 3, 4, 5):
+                naive, dmtg = _models(tasks, shape, K, backbone, options, shared)
+                fns = {"naive": _step_fn(naive, TaskLossObjective(tasks), x, y),
+                       "dmtg": _step_fn(dmtg, DMTGObjective(tasks, resolve_options({})), x, y)}
+                t = _time(fns, 5 if quick else 9, 10 if quick else 20)
+                rows.append({"setting": name, "shared_blocks": shared, "K": K, "naive_ms": t["naive"] * 1e3,
+                             "dmtg_ms": t["dmtg"] * 1e3, "ratio_vs_K_naive": t["dmtg"] / (K * t["naive"])})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def n_ratio(quick: bool) -> list[dict]:
+    rows = []
+    for name, backbone, options, shape, bs in (("planted-mlp", "mlp", {"widths": [64, 12]}, (32,), 64),
+                                               ("celeba-like tag_resnet", "tag_resnet", {}, (3, 64, 64), 32)):
+        fns = {}
+        for N in (9, 40):
+            kind = "regression" if name.startswith("planted") else "binary"
+            tasks = [Task(f"t{i}", kind) for i in range(N)]
+            x = torch.randn(bs, *shape)
+            y = {t.name: (torch.randint(0, 2, (bs,)) if kind == "binary" else torch.randn(bs, 1)) for t in tasks}
+            _, dmtg = _models(tasks, shape, 5, backbone, options, 0)
+            fns[N] = _step_fn(dmtg, DMTGObjective(tasks, resolve_options({})), x, y)
+        t = _time(fns, 5 if quick else 9, 5 if quick else 10)
+        rows.append({"setting": name, "K": 5, "n9_ms": t[9] * 1e3, "n40_ms": t[40] * 1e3, "ratio": t[40] / t[9]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def live_heads(quick: bool) -> list[dict]:
+    rows = []
+    methods = available_methods()
+    runs = [("planted", s, []) for s in ((0,) if quick else (0, 1, 2))]
+    runs += [("multimnist", s, []) for s in ((0,) if quick else (0, 1))]
+    for preset, seed, extra in runs:
+        cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false", *extra])
+        data = prepare_data(cfg)
+        out = {}
+        for pruning in (True, False):
+            ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
+                                model=cfg["model"], balancer=cfg["balancer"],
+                                options={"head_pruning": pruning}, name="dmtg")
+            r = methods["dmtg"](ctx)
+            out[pruning] = (r.extra["live_heads_final"], sum(m["loss"] for m in r.per_task.values()))
+        N = len(data.tasks)
+        rows.append({"preset": preset, "seed": seed, "N": N, "K": cfg["K"], "live_heads": out[True][0],
+                     "live_over_N": out[True][0] / N, "test_loss_pruning": out[True][1],
+                     "test_loss_no_pruning": out[False][1]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="steps,n,heads")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    parts = args.parts.split(",")
+    result = {"threads": 1, "torch": torch.__version__}
+    if "steps" in parts:
+        result["step_ratio"] = step_ratio(args.quick)
+    if "n" in parts:
+        result["n_ratio"] = n_ratio(args.quick)
+    if "heads" in parts:
+        result["live_heads"] = live_heads(args.quick)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "dmtg.json").write_text(json.dumps(result, indent=1))
+    lines = ["# DMTG benchmarks", ""]
+    if "step_ratio" in result:
+        lines += ["## Step time: DMTG / (K x naive MTL)  (target <= 1.05 without shared blocks)", "",
+                  "| setting | shared blocks | K | naive ms | DMTG ms | ratio |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['setting']} | {r['shared_blocks']} | {r['K']} | {r['naive_ms']:.2f} | {r['dmtg_ms']:.2f} | "
+                  f"{r['ratio_vs_K_naive']:.2f} |" for r in result["step_ratio"]]
+    if "n_ratio" in result:
+        lines += ["", "## Step time N=40 / N=9 at K=5  (target <= 1.3)", "", "| setting | N=9 ms | N=40 ms | ratio |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['setting']} | {r['n9_ms']:.2f} | {r['n40_ms']:.2f} | {r['ratio']:.2f} |" for r in result["n_ratio"]]
+    if "live_heads" in result:
+        lines += ["", "## Live heads at the end with head pruning (target <= 1.2 N, loss no worse)", "",
+                  "| preset | seed | N | K | live heads | live/N | test loss (pruning) | test loss (no pruning) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['preset']} | {r['seed']} | {r['N']} | {r['K']} | {r['live_heads']} | {r['live_over_N']:.2f} | "
+                  f"{r['test_loss_pruning']:.4f} | {r['test_loss_no_pruning']:.4f} |" for r in result["live_heads"]]
+    (OUT / "dmtg.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
