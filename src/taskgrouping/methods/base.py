@@ -91,7 +91,7 @@ def register_method(name: str, options: dict[str, Any] | None = None) -> Callabl
     return deco
 
 
-_MODULES = ("grouped", "dmtg", "two_shot", "interrogate", "cross_stitch", "mtan")
+_MODULES = ("grouped", "dmtg", "standley", "tag", "mtg_net", "interrogate", "cross_stitch", "mtan")
 
 
 def available_methods() -> dict[str, MethodFn]:

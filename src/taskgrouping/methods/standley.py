@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from taskgrouping.grouping.network_selection import Network, hoa_networks, select_networks
+from taskgrouping.distributed import TrainingJob
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.two_shot import (FANOUT_OPTIONS, TrainedNetwork, fan_out, network_tag,
                                            networks_result, serve_by_validation, subset_job)
@@ -125,9 +126,9 @@ def half_size_options(backbone: str | None, options: Mapping[str, Any] | None,
       :mod:`taskgrouping.models.xception`);
     * ``mlp`` (``widths``), ``small_cnn`` (``channels`` and ``feature_dim``), ``resnet18``,
       ``resnet20``, ``tag_resnet`` (``width``): those options multiplied by one factor ``s`` and
-      rounded, with ``s`` chosen so that the backbone's FLOPs on one input of ``input_shape``
-      (multiply-accumulates of the linear and convolution layers; heads excluded) are closest to half the full network's. A
-      factor applies to all listed options, so the shape of the network is kept. For a wide-input
+      rounded, with ``s`` chosen so that the backbone's compute on one input of ``input_shape``
+      (multiply-accumulates of its linear and convolution layers; heads excluded) is closest to
+      half the full network's. One factor scales all listed options, so the network keeps its shape. For a wide-input
       MLP ``s`` is near 1/2 (the first layer dominates); for convolutional nets near 2^-1/2.
 
     Raises:
@@ -265,22 +266,22 @@ def _standley(ctx: MethodContext, approx: str) -> MethodResult:
         solver = _solver(ctx, len(candidates))
         selection = select_networks(candidates, budget, tasks=tasks, solver=solver)
 
+        # second shot: reuse what was trained fully, train HOA's estimated networks, finish ESA's
         by_key = {(frozenset(net.tasks), net.cost): net for net in first}
         final: list[TrainedNetwork | None] = []
-        to_train: list[tuple[int, float, Any]] = []
+        to_train: list[tuple[int, float, TrainingJob]] = []
         for i, chosen in enumerate(selection.networks):
-            have = by_key[chosen.key] if chosen.key in by_key else None
-            if approx == "optimal" or (approx == "hoa" and have is not None):
-                final.append(have)
-            elif approx == "hoa":
-                to_train.append((i, 1.0, subset_job(ctx, network_tag(ctx, "final", chosen.tasks), chosen.tasks)))
-                final.append(None)
-            else:
-                full = subset_job(ctx, network_tag(ctx, "full", chosen.tasks, "_half" if chosen.cost == 0.5 else ""),
-                                  chosen.tasks, model_options=have.job.model_options,
-                                  init_from=have.job.checkpoint_dir, continues_from=early_epochs)
-                to_train.append((i, chosen.cost, full))
-                final.append(None)
+            have = by_key.get(chosen.key)
+            if approx == "esa":
+                suffix = "_half" if chosen.cost == 0.5 else ""
+                to_train.append((i, chosen.cost, subset_job(
+                    ctx, network_tag(ctx, "full", chosen.tasks, suffix), chosen.tasks,
+                    model_options=have.job.model_options, init_from=have.job.checkpoint_dir,
+                    continues_from=early_epochs)))
+            elif have is None:  # HOA's estimate of a >= 3-task network
+                to_train.append((i, chosen.cost, subset_job(ctx, network_tag(ctx, "final", chosen.tasks),
+                                                            chosen.tasks)))
+            final.append(have if approx != "esa" else None)
         second = fan_out(ctx, [job for _, _, job in to_train])
         for (i, cost, job), res in zip(to_train, second):
             final[i] = TrainedNetwork(job, res, cost, "full" if approx == "esa" else "final")
@@ -293,7 +294,7 @@ def _standley(ctx: MethodContext, approx: str) -> MethodResult:
         "approximation": approx, "budget": budget, "encoder_complexity": budget, "solver": solver,
         "n_candidates": len(candidates), "selection_total": selection.total, "selection_cost": selection.cost,
         "selection_serves": {t: index[id(net)] for t, net in selection.serving.items()},
-        "trained_cost": sum(net.cost for net in first) + sum(net.cost for net in later[:new_networks]),
+        "trained_cost": sum(net.cost for net in first + (later if approx == "hoa" else [])),
         "half_size_options": half_opts, "early_epochs": early_epochs,
         "networks": [net.record() for net in first + later],
         "chosen": [dict(net.record(), reused=net.phase == phase) for net in networks],

@@ -1,0 +1,274 @@
+"""Fan-out of independent trainings: the candidate networks of the two-shot grouping methods.
+
+Standley's selection, HOA, ESA and MTG-Net train many task-subset networks that do not depend on
+each other. Each is described by a picklable :class:`TrainingJob` (the grouping to train, an
+optional model-option override such as a half-size encoder, an optional epoch count, a checkpoint
+directory); the pieces every job shares (data, seed, training settings) travel once per worker as a
+:class:`JobContext`. :func:`run_jobs` runs the jobs
+
+* ``"sequential"``: one after the other in this process;
+* ``"processes"``: over local processes (``concurrent.futures`` with the *spawn* start method; each
+  worker sets ``torch.set_num_threads(1)``; as with any spawned pool, a script that starts it must
+  guard its entry point with ``if __name__ == "__main__":``);
+* ``"ray"``: as Ray tasks (optional extra: ``pip install 'taskgrouping[ray]'``; a multi-machine
+  cluster needs the checkpoint directories on a shared file system).
+
+A job's outcome does not depend on where it ran: the model is initialised from ``torch.manual_seed
+(seed)`` and the trainer reseeds torch at every epoch, so the backends give bit-for-bit the same
+losses and weights (with one torch thread per training). Trained weights come back as safetensors
+bytes (no pickled tensors, no shared-memory handles), and :func:`assemble_networks` joins trained
+networks into one :class:`~taskgrouping.models.branched.BranchedModel` whose branch ``k`` computes
+exactly network ``k``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from taskgrouping.balancing.base import get_balancer
+from taskgrouping.data.base import TaskData, make_loader
+from taskgrouping.grouping.grouping import Grouping
+from taskgrouping.models.branched import BranchedModel, build_branched_model
+from taskgrouping.trainer import Checkpoint, TrainConfig, evaluate, train
+
+Backend = Literal["sequential", "processes", "ray"]
+BACKENDS: tuple[str, ...] = ("sequential", "processes", "ray")
+
+__all__ = ["Backend", "BACKENDS", "JobContext", "TrainingJob", "JobResult", "build_network", "train_job",
+           "run_jobs", "assemble_networks"]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What all jobs of one fan-out share (shipped once to each worker).
+
+    Attributes mirror :class:`~taskgrouping.methods.base.MethodContext`: ``model`` is the config's
+    ``model`` section (``backbone``, ``options``, ``shared_blocks``), ``balancer`` its ``balancer``
+    section.
+    """
+
+    data: TaskData
+    seed: int
+    train: TrainConfig
+    model: Mapping[str, Any]
+    balancer: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One network to train.
+
+    Attributes:
+        tag: unique name (log records carry it as ``network``).
+        grouping: the groups the network trains; its tasks may be a subset of the data's tasks (a
+            task-subset network scores only its own tasks).
+        model_options: backbone options replacing the context's (e.g. a half-size encoder).
+        epochs: epoch count replacing ``train.epochs`` (e.g. ESA's early-stopped networks).
+        checkpoint_dir: where the trainer writes its per-epoch checkpoint (``None``: none).
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        init_from: a checkpoint directory of an earlier, shorter run of the *same* network; when
+            ``checkpoint_dir`` holds no checkpoint yet it is copied there and training continues from
+            it (ESA's "train the chosen networks fully" without repeating the early epochs).
+        continues_from: epochs that belong to that earlier run: they are left out of this job's
+            ``history`` and ``train_seconds`` so that nothing is counted twice.
+    """
+
+    tag: str
+    grouping: Grouping
+    model_options: Mapping[str, Any] | None = None
+    epochs: int | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    init_from: str | None = None
+    continues_from: int = 0
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.grouping.tasks)
+
+
+@dataclass
+class JobResult:
+    """A trained network: per-task validation / test metrics of the selected epoch and its weights.
+
+    ``train_seconds`` and ``history`` cover the epochs this job ran (see
+    :attr:`TrainingJob.continues_from`); ``weights`` is the model's state dict as safetensors bytes.
+    """
+
+    tag: str
+    val: dict[str, dict[str, float]]
+    test: dict[str, dict[str, float]]
+    train_seconds: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, Any]] = field(repr=False)
+    weights: bytes = field(repr=False)
+
+    def loss(self, split: Literal["val", "test"] = "val") -> dict[str, float]:
+        """Task -> loss on ``split``."""
+        return {t: m["loss"] for t, m in getattr(self, split).items()}
+
+
+def build_network(ctx: JobContext, job: TrainingJob) -> BranchedModel:
+    """The freshly initialised model of ``job`` (torch seeded with ``ctx.seed`` first, as
+    :func:`taskgrouping.methods.grouped.build_model` does, so a job over all tasks builds the same
+    model as that function)."""
+    wanted = set(job.tasks)
+    tasks = [t for t in ctx.data.tasks if t.name in wanted]
+    unknown = sorted(wanted - {t.name for t in tasks})
+    if unknown:
+        raise ValueError(f"job {job.tag!r} names unknown tasks {unknown}; dataset {ctx.data.name!r} has "
+                         f"{ctx.data.task_names}")
+    options = ctx.model.get("options") if job.model_options is None else job.model_options
+    torch.manual_seed(ctx.seed)
+    return build_branched_model(tasks, job.grouping.as_lists(), ctx.data.input_shape,
+                                backbone=ctx.model.get("backbone"), backbone_options=options,
+                                shared_blocks=int(ctx.model.get("shared_blocks", 0) or 0),
+                                serves=job.grouping.serves)
+
+
+def train_job(ctx: JobContext, job: TrainingJob) -> JobResult:
+    """Train one job in this process and score it on the validation and test splits."""
+    model = build_network(ctx, job)
+    tasks = [ctx.data.task(t) for t in model.task_names]
+    config = ctx.train if job.epochs is None else replace(ctx.train, epochs=int(job.epochs))
+    resume = job.resume
+    if job.init_from is not None:
+        if job.checkpoint_dir is None:
+            raise ValueError(f"job {job.tag!r}: init_from needs a checkpoint_dir to continue in")
+        source, target = Checkpoint(job.init_from), Checkpoint(job.checkpoint_dir)
+        if not target.exists:
+            if not source.exists:
+                raise FileNotFoundError(f"job {job.tag!r}: no checkpoint to continue from in {job.init_from}")
+            shutil.copytree(source.dir, target.dir, dirs_exist_ok=True)
+        resume = True
+    bs = config.batch_size
+    train_loader = make_loader(ctx.data.train, bs, shuffle=True)
+    val_loader = make_loader(ctx.data.val, bs, shuffle=False)
+    test_loader = make_loader(ctx.data.test, bs, shuffle=False)
+    balancer = get_balancer(ctx.balancer.get("name", "ew"), tasks=[t.name for t in tasks],
+                            **(ctx.balancer.get("options") or {}))
+    result = train(model, train_loader, val_loader, tasks, config, seed=ctx.seed, balancer=balancer,
+                   checkpoint_dir=job.checkpoint_dir, resume=resume, desc=job.tag)
+    device = next(result.model.parameters()).device
+    val = evaluate(result.model, val_loader, tasks, None, device)
+    test = evaluate(result.model, test_loader, tasks, None, device)
+    history = [h for h in result.history if h["epoch"] >= job.continues_from]
+    weights = save_tensors({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()})
+    return JobResult(job.tag, val, test, float(sum(h["seconds"] for h in history)), result.best_epoch,
+                     result.epochs_run, history, weights)
+
+
+# -- backends -------------------------------------------------------------------------------
+
+_WORKER_CONTEXT: JobContext | None = None
+
+
+def _init_worker(ctx: JobContext) -> None:
+    global _WORKER_CONTEXT
+    torch.set_num_threads(1)
+    _WORKER_CONTEXT = ctx
+
+
+def _worker_train(job: TrainingJob) -> JobResult:
+    assert _WORKER_CONTEXT is not None, "worker used before its initialiser ran"
+    return train_job(_WORKER_CONTEXT, job)
+
+
+def _ray_train(ctx: JobContext, job: TrainingJob) -> JobResult:
+    torch.set_num_threads(1)
+    return train_job(ctx, job)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("backend 'ray' needs the Ray package, which is not installed: "
+                         "pip install 'taskgrouping[ray]'") from None
+    return ray
+
+
+def check_backend(backend: str, workers: int | None) -> None:
+    """Raise a clear error for an unknown backend or a bad worker count."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer (or null for one per CPU), got {workers!r}")
+
+
+def run_jobs(ctx: JobContext, jobs: Sequence[TrainingJob], backend: Backend = "sequential",
+             workers: int | None = None) -> list[JobResult]:
+    """Train every job and return the results in the order of ``jobs``.
+
+    Args:
+        backend: ``"sequential"``, ``"processes"`` or ``"ray"`` (see the module docstring).
+        workers: processes (or concurrent Ray tasks) at once; ``None`` = ``os.cpu_count()``.
+            Ignored by the sequential backend.
+
+    Raises:
+        ValueError: unknown backend, bad ``workers``, duplicate job tags, Ray missing.
+    """
+    check_backend(backend, workers)
+    jobs = list(jobs)
+    tags = [j.tag for j in jobs]
+    if len(set(tags)) != len(tags):
+        dup = next(t for t in tags if tags.count(t) > 1)
+        raise ValueError(f"job tag {dup!r} is used twice; every job needs its own tag")
+    if not jobs:
+        return []
+    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if backend == "sequential":
+        return [train_job(ctx, j) for j in jobs]
+    if backend == "processes":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(ctx,)) as pool:
+            return list(pool.map(_worker_train, jobs))
+    ray = _import_ray()
+    if not ray.is_initialized():
+        ray.init(num_cpus=n_workers, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(_ray_train)
+    ctx_ref = ray.put(ctx)
+    return list(ray.get([remote.remote(ctx_ref, j) for j in jobs]))
+
+
+def trained_model(ctx: JobContext, job: TrainingJob, result: JobResult) -> BranchedModel:
+    """Rebuild ``job``'s model and load the weights ``result`` returned."""
+    model = build_network(ctx, job)
+    model.load_state_dict(load_tensors(result.weights))
+    return model
+
+
+def assemble_networks(networks: Sequence[BranchedModel], serves: Mapping[str, int]) -> BranchedModel:
+    """Join independently trained one-branch networks into one model (groups may overlap).
+
+    Branch ``k`` of the result is network ``k``'s stem followed by its branch, with its heads, so its
+    predictions equal network ``k``'s exactly; ``serves`` maps each task to the network answering
+    for it. The networks may differ in width (half-size single-task networks).
+    """
+    branches: list[nn.Module] = []
+    heads: list[dict[str, nn.Module]] = []
+    for k, net in enumerate(networks):
+        if len(net.branches) != 1:
+            raise ValueError(f"network {k} has {len(net.branches)} branches; assemble_networks joins "
+                             "one-branch networks")
+        branches.append(nn.Sequential(net.stem, net.branches[0]))
+        heads.append({t: net.head(0, t) for t in net.groups[0]})
+    return BranchedModel(nn.Identity(), branches, heads, dict(serves))
+
+
+def checkpoint_path(directory: Path | None, tag: str) -> str | None:
+    """``directory / tag`` as a string, or ``None`` when there is no directory."""
+    return None if directory is None else str(Path(directory) / tag)
