@@ -66,7 +66,7 @@ def run_block(model, opt, tasks, batches, callback: DiagnosticsCallback | None, 
         preds, feats = model.forward_heads(x)
         losses = {t.name: t.loss(preds[(0, t.name)], y[t.name]) for t in tasks}
         if callback is not None:
-            callback.on_step(step0 + i, losses, shared, list(feats.values()))
+            callback.measure(step0 + i, losses, shared, list(feats.values()))
         torch.stack(list(losses.values())).sum().backward()
         opt.step()
     n = len(batches)

@@ -217,6 +217,7 @@ def test_task_gradients_errors():
 # -- callback -------------------------------------------------------------------------------------
 
 def _train(model, callback, steps=12, seed=1):
+    """A hand-rolled loop that measures from explicit tensors (``measure``) before each backward."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     grads_at_measured = []
@@ -226,7 +227,7 @@ def _train(model, callback, steps=12, seed=1):
         opt.zero_grad(set_to_none=True)
         losses, z = _losses(model, x, ys)
         if callback is not None:
-            entry = callback.on_step(step, losses, list(model.trunk.parameters()), [z])
+            entry = callback.measure(step, losses, list(model.trunk.parameters()), [z])
             if entry is not None:
                 assert all(p.grad is None for p in model.parameters())
         torch.stack(list(losses.values())).sum().backward()
@@ -236,7 +237,7 @@ def _train(model, callback, steps=12, seed=1):
 
 
 @pytest.mark.parametrize("level", ["param", "feature"])
-def test_callback_leaves_training_identical(level):
+def test_measure_leaves_training_identical(level):
     torch.manual_seed(0)
     base = TinyMTL()
     plain, logged = copy.deepcopy(base), copy.deepcopy(base)
@@ -253,22 +254,85 @@ def test_callback_leaves_training_identical(level):
         assert -1 <= h["gds"] <= 1 and 0 <= h["gms"] <= 1 and 0 <= h["fd"] <= math.log(3)
 
 
+def _trainer_setup():
+    """A 3-task regression problem and a one-branch model for the real trainer."""
+    from taskgrouping.data.base import TensorTaskDataset, make_loader
+    from taskgrouping.models.branched import build_branched_model
+    from taskgrouping.tasks import Task
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, generator=g)
+    tasks = [Task(f"t{i}", "regression") for i in range(3)]
+    ys = {t.name: (x @ torch.randn(5, 1, generator=g)).tanh() for t in tasks}
+    ds = TensorTaskDataset(x, ys)
+    torch.manual_seed(0)
+    model = build_branched_model(tasks, [[t.name for t in tasks]], (5,), backbone="mlp",
+                                 backbone_options={"widths": [8, 6]})
+    return model, tasks, make_loader(ds, 8, shuffle=True), make_loader(ds, 20, shuffle=False)
+
+
+@pytest.mark.parametrize("level", ["param", "feature"])
+def test_callback_in_the_trainer_leaves_training_identical(level):
+    from taskgrouping.trainer import TrainConfig, train
+
+    model, tasks, tr, va = _trainer_setup()
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, progress=False, device="cpu", select="last")
+    plain = train(copy.deepcopy(model), tr, va, tasks, cfg, seed=5)
+    cb = DiagnosticsCallback(every=2, level=level)
+    logged = train(copy.deepcopy(model), tr, va, tasks, cfg, seed=5, callbacks=[cb])
+    for p, q in zip(plain.model.parameters(), logged.model.parameters()):
+        assert torch.equal(p, q)
+    # 5 steps per epoch: measured at global steps 0, 2, 4 (epoch 0) and 6, 8 (epoch 1)
+    assert [(h["step"], h["epoch"]) for h in cb.history] == [(0, 0), (2, 0), (4, 0), (6, 1), (8, 1)]
+    for h in cb.history:
+        assert -1 <= h["gds"] <= 1 and 0 <= h["gms"] <= 1 and 0 <= h["fd"] <= math.log(3)
+    # the epoch records carry the latest entry and the epoch's mean, computed by hand here
+    for epoch, rec in enumerate(logged.history):
+        diag = rec["diagnostics"]
+        entries = [h for h in cb.history if h["epoch"] == epoch]
+        assert diag["n_measured"] == len(entries) and diag["last"] == entries[-1]
+        for m in ("gds", "gms", "fd"):
+            assert diag["epoch_mean"][m] == pytest.approx(sum(h[m] for h in entries) / len(entries))
+    assert cb.epoch_means() == pytest.approx(logged.history[-1]["diagnostics"]["epoch_mean"])
+
+
+def test_on_step_reads_the_trainer_output_and_model():
+    from taskgrouping.trainer import TaskLossObjective
+
+    model, tasks, tr, _ = _trainer_setup()
+    x, targets = next(iter(tr))
+    out = TaskLossObjective(tasks)(model, x, targets)
+    entry = DiagnosticsCallback(every=5).on_step(10, out, model, (x, targets))
+    G = task_gradients(out.losses, model.shared_parameters())
+    z = out.features[0]
+    assert entry == pytest.approx({"step": 10, "gds": gradient_direction_similarity(G),
+                                   "gms": gradient_magnitude_similarity(G),
+                                   "fd": feature_disentanglement(out.losses, z)}, rel=1e-5)
+    assert DiagnosticsCallback(every=5).on_step(11, out, model, (x, targets)) is None
+    feat = DiagnosticsCallback(every=1, level="feature", measures=("gds",)).on_step(0, out, model)
+    assert feat == pytest.approx({"step": 0, "gds": gradient_direction_similarity(task_gradients(out.losses, z))},
+                                 rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_callback_values_equal_standalone_functions():
     torch.manual_seed(0)
     model = TinyMTL()
     losses, z = _losses(model, torch.randn(9, 5), [torch.randn(9) for _ in range(3)])
     shared = list(model.trunk.parameters())
     G = task_gradients(losses, shared)
-    entry = DiagnosticsCallback(every=5).on_step(10, losses, shared, [z])
+    entry = DiagnosticsCallback(every=5).measure(10, losses, shared, [z])
     assert entry == pytest.approx({"step": 10, "gds": gradient_direction_similarity(G),
                                    "gms": gradient_magnitude_similarity(G), "fd": feature_disentanglement(losses, z)},
                                   rel=1e-5)
     feat = diagnose(losses, features={0: z}, level="feature", measures=("gds",))
     assert feat == pytest.approx({"gds": gradient_direction_similarity(task_gradients(losses, z))}, rel=1e-5)
-    assert DiagnosticsCallback(every=5).on_step(11, losses, shared, [z]) is None
+    assert DiagnosticsCallback(every=5).measure(11, losses, shared, [z]) is None
 
 
 def test_callback_config_errors_and_state_roundtrip():
+    from taskgrouping.trainer import StepOutput
+
     with pytest.raises(ValueError, match="every"):
         DiagnosticsCallback(every=0)
     with pytest.raises(ValueError, match="level"):
@@ -276,13 +340,23 @@ def test_callback_config_errors_and_state_roundtrip():
     with pytest.raises(ValueError, match="unknown measure"):
         DiagnosticsCallback(measures=("gds", "pcgrad"))
     w = torch.ones(3, requires_grad=True)
+    losses = {"a": w.sum(), "b": (2 * w).sum()}
     with pytest.raises(ValueError, match="features are needed"):
-        DiagnosticsCallback().on_step(0, {"a": w.sum(), "b": (2 * w).sum()}, [w], None)
+        DiagnosticsCallback().measure(0, losses, [w], None)
+    with pytest.raises(ValueError, match="Linear has no shared_parameters"):
+        DiagnosticsCallback().on_step(0, StepOutput(losses, {0: w}), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="step output of Linear has none"):
+        DiagnosticsCallback(level="feature").on_step(0, StepOutput(losses), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="StepOutput"):
+        DiagnosticsCallback().on_step(0, losses, nn.Linear(2, 2))
     cb = DiagnosticsCallback(every=2, level="feature", measures=("gds", "fd"))
-    cb.history = [{"step": 0, "gds": 0.5, "fd": 0.3}, {"step": 2, "gds": 0.4, "fd": 0.2}]
+    cb.history = [{"step": 0, "gds": 0.5, "fd": 0.3, "epoch": 0}, {"step": 2, "gds": 0.4, "fd": 0.2}]
     resumed = DiagnosticsCallback(every=2, level="feature", measures=("gds", "fd"))
     resumed.load_state_dict(cb.state_dict())
     assert resumed.history == cb.history
+    # the untagged entry belongs to the running epoch: the next epoch end tags it alone
+    assert resumed.on_epoch_end(1)["diagnostics"]["n_measured"] == 1
+    assert resumed.epoch_means(1) == {"gds": 0.4, "fd": 0.2} and resumed.epoch_means(0) == {"gds": 0.5, "fd": 0.3}
     with pytest.raises(ValueError, match="level 'feature'"):
         DiagnosticsCallback(level="param", measures=("gds", "fd")).load_state_dict(cb.state_dict())
 

@@ -137,6 +137,39 @@ def tag_select(affinity: Path = typer.Option(..., "--affinity", help="JSON {reci
         typer.echo(f"group {i}: {{{', '.join(g)}}}  serves {{{', '.join(served)}}}")
 
 
+def _csv(text: str, cast=str) -> list:
+    return [cast(v.strip()) for v in text.split(",") if v.strip()]
+
+
+@app.command("balance-bench")
+def balance_bench(config: Optional[Path] = typer.Argument(None, help="YAML config file."),
+                  preset: Optional[str] = typer.Option(None, "--preset", "-p"),
+                  balancers: str = typer.Option("ew,pcgrad,mgda,cagrad,uw,dwa", "--balancers",
+                                                help="Comma-separated balancer names."),
+                  levels: str = typer.Option("param,feature", "--levels", help="param, feature or both."),
+                  seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+                  out: Path = typer.Option(Path("runs/balance-bench"), "--out", "-o"),
+                  diagnostics_every: int = typer.Option(10, "--diagnostics-every"),
+                  diagnostics_level: str = typer.Option("param", "--diagnostics-level", help="param | feature"),
+                  set_: list[str] = typer.Option([], "--set", "-s")) -> None:
+    """Balancers x {parameter, feature level} on naive MTL: the paper-style table (Mao et al.) with
+    arrows vs EW, Delta_MTL, mean rank, and the ranking similarity of GDS / GMS / FD."""
+    from taskgrouping.balancer_benchmark import run_benchmark
+    from taskgrouping.config import build_config
+
+    try:
+        cfg = build_config(config, preset, set_)
+        if cfg["threads"]:
+            import torch
+
+            torch.set_num_threads(int(cfg["threads"]))
+        run_benchmark(cfg, _csv(balancers), _csv(levels), _csv(seeds, int), out, diagnostics_every,
+                      diagnostics_level=diagnostics_level, echo=typer.echo)
+        typer.echo(f"results in {out}")
+    except _user_errors() as exc:
+        _fail(exc)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -23,7 +23,8 @@ balancer): the measures describe the tasks, not a method's weighting of them.
 Everything is computed with :func:`torch.autograd.grad` (``create_graph=False``), which returns
 gradients instead of accumulating them, so the parameters' ``.grad`` is never read or written.
 :class:`DiagnosticsCallback` uses this to log the measures during training without changing the
-training run; call it *before* the step's backward pass, while the graph still exists.
+training run: the trainer calls it after the forward pass and *before* the step's backward pass,
+while the graph still exists (``train(..., callbacks=[DiagnosticsCallback(every=10)])``).
 """
 
 from __future__ import annotations
@@ -336,15 +337,24 @@ def diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | Non
 class DiagnosticsCallback:
     """Logs GDS / GMS / FD every ``every`` steps during training, without changing the run.
 
-    The trainer calls ``cb.on_step(step, losses, shared_params, features)`` *before* the step's
-    backward pass (the graph must still exist). Gradients come from :func:`torch.autograd.grad`
-    with ``retain_graph=True, create_graph=False``, so ``.grad``, the optimiser, the RNG and the
-    training trajectory are unchanged. Cost per measurement: one backward pass per task through
-    the shared trunk at ``level="param"``; only through the heads at ``level="feature"``.
+    Follows the trainer's callback protocol (:func:`taskgrouping.trainer.train`): the trainer calls
+    ``on_step(step, output, model, batch)`` after the forward pass and *before* the step's backward
+    pass, while the graph still exists. The losses are ``output.losses``, the shared parameters
+    ``model.shared_parameters()`` (needed at ``level="param"`` for GDS/GMS) and the features the
+    heads read ``output.features`` (needed for FD and at ``level="feature"``). Gradients come from
+    :func:`torch.autograd.grad` with ``retain_graph=True, create_graph=False``, so ``.grad``, the
+    optimiser, the RNG and the training trajectory are unchanged. Cost per measurement: one
+    backward pass per task through the shared trunk at ``level="param"``; only through the heads
+    at ``level="feature"``.
+
+    ``on_epoch_end(epoch)`` tags the entries logged during the epoch with ``"epoch"`` and returns
+    ``{"diagnostics": {...}}`` (merged by the trainer into the epoch's log record): the latest
+    entry and the mean of each measure over the epoch's entries.
 
     Attributes:
         history: one dict per measured step, ``{"step": int, <measure>: float, ...}`` with the
-            requested measures (NaN where undefined, e.g. all task gradients zero).
+            requested measures (NaN where undefined, e.g. all task gradients zero), plus
+            ``"epoch"`` once that epoch has ended.
     """
 
     def __init__(self, every: int = 10, level: Level = "param", measures: Sequence[str] = MEASURES) -> None:
@@ -355,17 +365,87 @@ class DiagnosticsCallback:
         self.every = every
         self.level: Level = level
         self.measures = _check_measures(measures)
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, Any]] = []
+        self._epoch_start = 0  # index of the first history entry of the running epoch
 
-    def on_step(self, step: int, losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | None = None,
-                features: FeatureArg = None) -> dict[str, float] | None:
-        """Measure at steps divisible by ``every``; return the new history entry, else None."""
+    @property
+    def needs_shared_parameters(self) -> bool:
+        """True when the model must provide ``shared_parameters()`` (GDS/GMS at the param level)."""
+        return self.level == "param" and ("gds" in self.measures or "gms" in self.measures)
+
+    @property
+    def needs_features(self) -> bool:
+        """True when the step output must carry the shared features (FD, or the feature level)."""
+        return "fd" in self.measures or self.level == "feature"
+
+    def measure(self, step: int, losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | None = None,
+                features: FeatureArg = None) -> dict[str, Any] | None:
+        """Measure at steps divisible by ``every`` from explicit tensors; return the new history
+        entry, else None. (:meth:`on_step` is this with the tensors taken from the trainer.)"""
         if step % self.every:
             return None
         entry: dict[str, Any] = {"step": int(step)}
         entry.update(diagnose(losses, shared_params, features, self.level, self.measures))
         self.history.append(entry)
         return entry
+
+    def on_step(self, step: int, output: Any, model: Any, batch: Any = None) -> dict[str, Any] | None:
+        """Trainer hook: measure on ``output.losses`` / ``output.features`` and the model's shared
+        parameters at steps divisible by ``every``; return the new history entry, else None."""
+        if step % self.every:
+            return None
+        losses = getattr(output, "losses", None)
+        if not isinstance(losses, Mapping):
+            raise ValueError(f"DiagnosticsCallback.on_step expects the trainer's StepOutput (with a .losses dict), "
+                             f"got {type(output).__name__}")
+        shared = None
+        if self.needs_shared_parameters:
+            if not hasattr(model, "shared_parameters"):
+                raise ValueError(f"DiagnosticsCallback(level='param') needs the model's shared parameters for GDS/GMS, "
+                                 f"but {type(model).__name__} has no shared_parameters(); use level='feature' or a "
+                                 "model that defines it (e.g. BranchedModel)")
+            shared = list(model.shared_parameters())
+        feats = list((getattr(output, "features", None) or {}).values()) or None
+        if self.needs_features and feats is None:
+            raise ValueError(f"DiagnosticsCallback (level={self.level!r}, measures {list(self.measures)}) needs the "
+                             f"shared features the heads read, but the step output of {type(model).__name__} has none; "
+                             "use a model with forward_heads() (e.g. BranchedModel) or measure only GDS/GMS at "
+                             "level='param'")
+        return self.measure(step, losses, shared, feats)
+
+    def epoch_means(self, epoch: int | None = None) -> dict[str, float]:
+        """Mean of each measure over the entries logged during ``epoch`` (NaN entries left out).
+
+        Default: the last ended epoch that has entries (``{}`` if none). Measures with no finite
+        value in that epoch are NaN.
+        """
+        tagged = [h for h in self.history if "epoch" in h]
+        if epoch is None:
+            if not tagged:
+                return {}
+            epoch = tagged[-1]["epoch"]
+        entries = [h for h in tagged if h["epoch"] == epoch]
+        if not entries:
+            return {}
+        out: dict[str, float] = {}
+        for m in self.measures:
+            vals = [h[m] for h in entries if m in h and not math.isnan(h[m])]
+            out[m] = float(sum(vals) / len(vals)) if vals else math.nan
+        return out
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        """Trainer hook: tag this epoch's entries and return ``{"diagnostics": {"epoch", "n_measured",
+        "last", "epoch_mean"}}`` (``last`` is the latest entry so far, ``None`` before any)."""
+        for h in self.history[self._epoch_start:]:
+            h["epoch"] = int(epoch)
+        n = len(self.history) - self._epoch_start
+        self._epoch_start = len(self.history)
+        means = self.epoch_means(epoch) if n else {}
+        return {"diagnostics": {
+            "epoch": int(epoch), "n_measured": n,
+            "last": dict(self.history[-1]) if self.history else None,
+            "epoch_mean": {m: (None if math.isnan(v) else v) for m, v in means.items()} if n else None,
+        }}
 
     def plot(self, path: str | Path, name: str = "run") -> Path:
         """Write this run's trajectories (one panel per measure) to ``path``."""
@@ -391,6 +471,8 @@ class DiagnosticsCallback:
                 raise ValueError(f"diagnostics state history[{i}] has no 'step'")
             history.append(dict(h))
         self.history = history
+        # Entries of ended epochs carry "epoch"; the rest belong to the running epoch.
+        self._epoch_start = next((i for i, h in enumerate(history) if "epoch" not in h), len(history))
 
 
 # -- plots ----------------------------------------------------------------------------------------

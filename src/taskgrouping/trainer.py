@@ -283,7 +283,8 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         checkpoint_dir: where to write a checkpoint after every epoch (``None``: no checkpoints).
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
         log: called with one JSON-able record per epoch.
-        callbacks: objects with optional hooks ``on_batch_start(step, model, batch)`` (before the
+        callbacks: objects with optional hooks ``on_train_start(model, optimizer)`` (once, after a
+            resume is restored), ``on_batch_start(step, model, batch)`` (before the
             forward pass; may change parameters temporarily, e.g. TAG's lookahead, if it restores
             them) and ``on_step(step, output, model, batch)`` (after the forward pass, graph alive,
             before the backward pass; must not touch ``.grad``: use ``torch.autograd.grad`` with
@@ -332,6 +333,9 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         elapsed = float(state.get("elapsed", 0.0))
 
+    for cb in callbacks:
+        if hasattr(cb, "on_train_start"):
+            cb.on_train_start(model, optimizer)
     writer = _tensorboard_writer(config, checkpoint_dir)
     bar = _progress(range(start_epoch, config.epochs), desc, config.progress, initial=start_epoch,
                     total=config.epochs)

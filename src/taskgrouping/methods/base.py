@@ -37,6 +37,7 @@ class MethodContext:
     log: Callable[[dict[str, Any]], None] = lambda record: None
     cache: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def loaders(self) -> tuple[DataLoader, DataLoader, DataLoader]:
         """(train shuffled, val, test) loaders with the configured batch size."""

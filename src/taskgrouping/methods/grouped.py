@@ -34,6 +34,13 @@ def fit_model(ctx: MethodContext, model: BranchedModel, tag: str, **train_kw) ->
     def log(record: dict) -> None:
         ctx.log(dict(record, network=tag))
 
+    every = int(ctx.diagnostics.get("every", 0) or 0)
+    if every > 0:  # GDS / GMS / FD every k steps, logged with each epoch (Mao et al.)
+        from taskgrouping.diagnostics import DiagnosticsCallback
+
+        train_kw["callbacks"] = list(train_kw.get("callbacks", ())) + [
+            DiagnosticsCallback(every=every, level=ctx.diagnostics.get("level", "param"))]
+
     result = train(model, train_loader, val_loader, ctx.data.tasks, ctx.train, seed=ctx.seed, balancer=balancer,
                    checkpoint_dir=ctx.checkpoint_dir(tag), resume=ctx.resume, log=log, desc=f"{ctx.name}:{tag}",
                    **train_kw)

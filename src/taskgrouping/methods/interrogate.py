@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -282,18 +281,22 @@ def reference_flops(ctx: MethodContext) -> dict[str, int]:
     """FLOPs of the run's single-task and naive-MTL networks (same backbone and heads)."""
     names = ctx.data.task_names
     shape = ctx.data.input_shape
-    stl = ctx.cache.get("single_task_model") or build_model(ctx, Grouping.partition([[t] for t in names]))
-    mtl = ctx.cache.get("naive_mtl_model") or build_model(ctx, Grouping.partition([names]))
+    stl = ctx.cache.get("single_task_model")
+    if stl is None:
+        stl = build_model(ctx, Grouping.partition([[t] for t in names]))
+    mtl = ctx.cache.get("naive_mtl_model")
+    if mtl is None:
+        mtl = build_model(ctx, Grouping.partition([names]))
     return {"single_task": count_flops(stl, shape), "naive_mtl": count_flops(mtl, shape)}
 
 
 @torch.no_grad()
 def max_output_difference(a: nn.Module, b: nn.Module, x: Tensor) -> float:
     """Largest absolute difference between two ``{task: prediction}`` models' eval outputs on ``x``."""
-    wa, wb = a.training, b.training
-    a.eval(), b.eval()
-    pa, pb = a(x), b(x)
-    a.train(wa), b.train(wb)
+    modes = a.training, b.training
+    pa, pb = a.eval()(x), b.eval()(x)
+    a.train(modes[0])
+    b.train(modes[1])
     return max(float((pa[t].float() - pb[t].float()).abs().max()) for t in pa)
 
 
@@ -553,8 +556,8 @@ def plot_tradeoff(summary: Mapping[str, Any], path: Path) -> None:
 
 
 def plot_sharing(pattern: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
-    """Per layer and task: fraction of task-specific channels (left) and, for each layer, the
-    fraction of channels whose shared mix is dominated by each task's β (right) - Fig. 3."""
+    """Per layer and task: fraction of task-specific channels (left) and each task's mean weight
+    softmax(β) in the shared mix, i.e. how much it contributes to the shared bank (right) - Fig. 3."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,7 +567,7 @@ def plot_sharing(pattern: Sequence[Mapping[str, Any]], path: Path, title: str = 
     layers = [r["layer"] for r in pattern]
     tasks = list(pattern[0]["task_specific_fraction"])
     spec = np.array([[r["task_specific_fraction"][t] for t in tasks] for r in pattern])
-    top = np.array([[r["beta_top_fraction"][t] for t in tasks] for r in pattern])
+    share = np.array([[r["beta_mean"][t] for t in tasks] for r in pattern])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(4 + 0.9 * len(tasks), 1.5 + 0.35 * len(layers)),
                                  gridspec_kw={"width_ratios": [1.2, 1]})
     im = a1.imshow(spec, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -575,13 +578,13 @@ def plot_sharing(pattern: Sequence[Mapping[str, Any]], path: Path, title: str = 
     left = np.zeros(len(layers))
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(tasks), 2)))
     for i, t in enumerate(tasks):
-        a2.barh(range(len(layers)), top[:, i], left=left, color=colors[i], label=t)
-        left += top[:, i]
+        a2.barh(range(len(layers)), share[:, i], left=left, color=colors[i], label=t)
+        left += share[:, i]
     a2.set_yticks(range(len(layers)), layers, fontsize=7)
     a2.invert_yaxis()
     a2.set_xlim(0, 1)
-    a2.set_title("top β contributor to the shared mix", fontsize=9)
-    a2.legend(fontsize=6, loc="lower right")
+    a2.set_title("mean softmax(β): contribution to the shared mix", fontsize=9)
+    a2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

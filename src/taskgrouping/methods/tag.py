@@ -38,12 +38,10 @@ the lookahead settings, the seconds of the affinity run and of the final trainin
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.grouping.tag import AffinityAccumulator, lookahead_affinity, select_groups
@@ -59,10 +57,8 @@ class AffinityCollector:
     """Trainer callback measuring TAG's lookahead affinity before the forward pass of every
     ``every``-th step and accumulating it per epoch.
 
-    The trainer does not hand its optimiser to callbacks, so the collector finds it with a global
-    ``torch.optim`` step hook (active only inside :meth:`watching`): the optimiser whose parameters
-    include the model's shared parameters. Its live learning rate (schedules included) and state
-    drive the lookahead.
+    The trainer hands it the training optimiser (``on_train_start``); that optimiser's live learning
+    rate (schedules included) and state drive the lookahead.
     """
 
     def __init__(self, tasks: Sequence[Task], shared: Sequence[nn.Parameter], *, every: int = 1,
@@ -84,19 +80,8 @@ class AffinityCollector:
         self.steps = self.skipped = 0
         self._epoch_steps = 0
 
-    # -- finding the optimiser ----------------------------------------------------------------
-    def _capture(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.optimizer is None and any(p is self.shared[0] for g in optimizer.param_groups for p in g["params"]):
-            self.optimizer = optimizer
-
-    @contextmanager
-    def watching(self) -> Iterator["AffinityCollector"]:
-        """Look for the training optimiser while the context is active."""
-        handle = register_optimizer_step_post_hook(self._capture)
-        try:
-            yield self
-        finally:
-            handle.remove()
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
 
     def _current_lr(self) -> float:
         if self.optimizer is None:
@@ -192,8 +177,7 @@ def tag(ctx: MethodContext) -> MethodResult:
     collector = AffinityCollector(ctx.data.tasks, model.shared_parameters(), every=ctx.option("every", 1),
                                   lookahead=ctx.option("lookahead", "sgd"), divide_by_lr=divide,
                                   lr=ctx.train.lr, weight_decay=ctx.train.weight_decay, seed=ctx.seed)
-    with collector.watching():
-        run, _, _ = fit_model(ctx, model, "tag_affinity", callbacks=[collector])
+    run, _, _ = fit_model(ctx, model, "tag_affinity", callbacks=[collector])
     if collector.accumulator.epochs == 0:
         raise ValueError(f"tag measured no affinity: {collector.skipped} lookahead steps were skipped "
                          f"(tag.every={collector.every}, {run.history[-1]['steps'] if run.history else 0} steps "
