@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from taskgrouping.registry import check_options, import_modules
+
 
 class Balancer:
     """Equal weighting (EW): the gradient of the plain sum of task losses."""
@@ -70,23 +72,12 @@ def get_balancer(name: str, tasks: Sequence[str] | None = None, **options: Any) 
     """
     import inspect
 
-    import importlib
-
-    try:  # the full suite registers itself on import
-        importlib.import_module("taskgrouping.balancing.methods")
-    except ModuleNotFoundError as exc:
-        if exc.name != "taskgrouping.balancing.methods":
-            raise
+    import_modules("taskgrouping.balancing", ["methods"])  # the full suite registers itself on import
     key = name.lower()
     if key not in BALANCERS:
         raise ValueError(f"unknown balancer {name!r}; expected one of {sorted(BALANCERS)}")
     factory = BALANCERS[key]
-    params = inspect.signature(factory).parameters
-    if tasks is not None and "tasks" in params and "tasks" not in options:
+    if tasks is not None and "tasks" in inspect.signature(factory).parameters and "tasks" not in options:
         options = dict(options, tasks=list(tasks))
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params))
-        if unknown:
-            raise ValueError(f"balancer {name!r}: unknown option(s) {unknown}; expected some of "
-                             f"{sorted(p for p in params if p != 'self')}")
+    check_options(factory, options, f"balancer {name!r}")
     return factory(**options)

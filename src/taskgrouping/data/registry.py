@@ -6,11 +6,10 @@ an unknown option is a config error, reported with the dataset's name.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any, Callable
 
 from taskgrouping.data.base import TaskData
+from taskgrouping.registry import check_options, import_modules
 
 Loader = Callable[..., TaskData]
 DATASETS: dict[str, Loader] = {}
@@ -27,17 +26,8 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return deco
 
 
-def _load_modules() -> None:
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"taskgrouping.data.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"taskgrouping.data.{mod}":
-                raise
-
-
 def available_datasets() -> dict[str, Loader]:
-    _load_modules()
+    import_modules("taskgrouping.data", _MODULES)
     return dict(sorted(DATASETS.items()))
 
 
@@ -47,10 +37,5 @@ def load_dataset(name: str, **options: Any) -> TaskData:
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(loaders)}")
     fn = loaders[name]
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params))
-        if unknown:
-            raise ValueError(f"unknown option(s) data.{', data.'.join(unknown)} for dataset {name!r}; "
-                             f"expected some of {sorted(params)}")
+    check_options(fn, options, f"dataset {name!r}", prefix="data.")
     return fn(**options)

@@ -96,12 +96,7 @@ _MODULES = ("grouped", "dmtg", "standley", "tag", "mtg_net", "interrogate", "cro
 
 
 def available_methods() -> dict[str, MethodFn]:
-    import importlib
+    from taskgrouping.registry import import_modules
 
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"taskgrouping.methods.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"taskgrouping.methods.{mod}":
-                raise
+    import_modules("taskgrouping.methods", _MODULES)
     return dict(METHODS)

@@ -8,11 +8,12 @@ deterministic given torch's global RNG.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from taskgrouping.registry import check_options, import_modules
 
 BackboneBuilder = Callable[..., nn.Sequential]
 BACKBONES: dict[str, BackboneBuilder] = {}
@@ -34,10 +35,7 @@ def build_backbone(name: str, input_shape: Sequence[int], **options) -> nn.Seque
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
     fn = BACKBONES[name]
-    accepted = [p for p in inspect.signature(fn).parameters if p != "input_shape"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"backbone {name!r}: unknown option(s) {unknown}; expected some of {accepted}")
+    check_options(fn, options, f"backbone {name!r}")
     return fn(tuple(input_shape), **options)
 
 
@@ -96,11 +94,4 @@ def small_cnn(input_shape: tuple[int, ...], channels: Sequence[int] = (16, 32),
 
 def _load_builtin_backbones() -> None:
     """Import the modules that register the papers' backbones (kept out of import time)."""
-    import importlib
-
-    for mod in ("resnet", "tag_resnet", "xception", "vit"):
-        try:
-            importlib.import_module(f"taskgrouping.models.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"taskgrouping.models.{mod}":
-                raise
+    import_modules("taskgrouping.models", ("resnet", "tag_resnet", "xception", "vit"))
