@@ -141,3 +141,14 @@ def test_fused_head_losses_equal_per_task_losses():
         for i, t in enumerate(data.task_names):
             expected = 0.0 if (k, i) == (1, 2) else data.task(t).loss(preds[(k, t)], y[t]).item()
             assert loss[i, k].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_assignment_heatmap_is_written(tmp_path):
+    import dataclasses
+
+    ctx = dataclasses.replace(_ctx(_data(), 2, {}), figures_dir=tmp_path)
+    res = dmtg(ctx)
+    png = tmp_path / "dmtg_assignment.png"
+    assert res.extra["assignment_figure"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(res.extra["dmtg_history"]) == 3 and len(res.extra["dmtg_history"][0]["assignment_probs"]) == 4

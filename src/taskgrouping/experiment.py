@@ -107,7 +107,7 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
         ctx = MethodContext(data=data, seed=config["seed"], K=config["K"], train=train_cfg, model=config["model"],
                             balancer=config["balancer"], options=dict(config.get(name) or {}),
                             workdir=out / "checkpoints" / name, resume=resume, log=log(name), cache=cache, name=name,
-                            diagnostics=dict(config.get("diagnostics") or {}))
+                            diagnostics=dict(config.get("diagnostics") or {}), figures_dir=out / "figures")
         if resume and partial.is_file():
             results[name] = json.loads(partial.read_text())
             echo(f"[{name}] already finished; loaded {partial}")

@@ -33,3 +33,33 @@ def results_table(summary: dict[str, Any]) -> str:
         groups = " ".join("{" + ", ".join(g) + "}" for g in rec["grouping"])
         lines.append(f"- {name}: {groups}")
     return "\n".join(lines)
+
+
+def assignment_heatmaps(history: list[list[list[float]]], task_names: list[str], path) -> None:
+    """DMTG's assignment probabilities as a figure (PNG): left, each task's probability of its final
+    group over the epochs (rows tasks, columns epochs); right, the final N x K matrix softmax(S).
+
+    ``history`` holds one N x K probability matrix per epoch.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    probs = np.asarray(history, dtype=float)  # epochs x N x K
+    final = probs[-1]
+    chosen = final.argmax(axis=1)
+    over_time = probs[:, np.arange(len(task_names)), chosen].T  # N x epochs
+    n, k = final.shape
+    fig = Figure(figsize=(4 + 0.25 * probs.shape[0] + 0.5 * k, 1.5 + 0.3 * n))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(probs.shape[0], 2), max(k, 2)]})
+    im = ax1.imshow(over_time, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+    ax1.set(title="P(task -> its final group)", xlabel="epoch", yticks=range(n), yticklabels=task_names)
+    ax2.imshow(final, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+    ax2.set(title="final softmax(S)", xlabel="group", xticks=range(k), yticks=range(n), yticklabels=[])
+    for i in range(n):
+        for j in range(k):
+            ax2.text(j, i, f"{final[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                     color="black" if final[i, j] > 0.5 else "white")
+    fig.colorbar(im, ax=[ax1, ax2], fraction=0.03)
+    fig.savefig(str(path), dpi=120, bbox_inches="tight")

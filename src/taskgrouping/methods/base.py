@@ -38,6 +38,7 @@ class MethodContext:
     cache: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    figures_dir: Path | None = None
 
     def loaders(self) -> tuple[DataLoader, DataLoader, DataLoader]:
         """(train shuffled, val, test) loaders with the configured batch size."""

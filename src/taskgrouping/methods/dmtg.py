@@ -545,5 +545,12 @@ def dmtg(ctx: MethodContext) -> MethodResult:
         variants[f"retrain_{init}"] = fit_grouping(ctx, grouping, f"retrain_{init}", init=init)
     if variants:
         extra["variants"] = variants
+    if ctx.figures_dir is not None and history and history[-1]["assignment_probs"] is not None:
+        from taskgrouping.report import assignment_heatmaps
+
+        ctx.figures_dir.mkdir(parents=True, exist_ok=True)
+        figure = ctx.figures_dir / f"{ctx.name or 'dmtg'}_assignment.png"
+        assignment_heatmaps([h["assignment_probs"] for h in history], ctx.data.task_names, figure)
+        extra["assignment_figure"] = str(figure)
     ctx.cache["dmtg_model"] = model
     return MethodResult(grouping, pruned, test, val, seconds + warm_seconds, n_networks=n_nets, extra=extra)
