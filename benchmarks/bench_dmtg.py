@@ -139,7 +139,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     parts = args.parts.split(",")
-    result = {"threads": 1, "torch": torch.__version__}
+    previous = OUT / "dmtg.json"  # a partial run keeps the other parts' last results
+    result = json.loads(previous.read_text()) if previous.is_file() else {}
+    result.update(threads=1, torch=torch.__version__)
     if "steps" in parts:
         result["step_ratio"] = step_ratio(args.quick)
     if "n" in parts:
