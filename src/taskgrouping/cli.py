@@ -170,6 +170,31 @@ def balance_bench(config: Optional[Path] = typer.Argument(None, help="YAML confi
         _fail(exc)
 
 
+@app.command("interrogate-sweep")
+def interrogate_sweep(config: Optional[Path] = typer.Argument(None, help="YAML config file."),
+                      preset: Optional[str] = typer.Option(None, "--preset", "-p"),
+                      lambdas: str = typer.Option("0.01,0.03,0.05,0.07,0.1", "--lambdas",
+                                                  help="Comma-separated sparsity weights lambda_s."),
+                      seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+                      out: Path = typer.Option(Path("runs/interrogate-sweep"), "--out", "-o"),
+                      set_: list[str] = typer.Option([], "--set", "-s")) -> None:
+    """InterroGate's accuracy / FLOPs trade-off over lambda_s against STL and naive MTL (paper Fig. 2),
+    with the per-layer sharing pattern (Fig. 3)."""
+    from taskgrouping.config import build_config
+    from taskgrouping.methods.interrogate import interrogate_sweep_cli
+
+    try:
+        cfg = build_config(config, preset, set_)
+        if cfg["threads"]:
+            import torch
+
+            torch.set_num_threads(int(cfg["threads"]))
+        typer.echo(interrogate_sweep_cli(cfg, _csv(lambdas, float), _csv(seeds, int), out))
+        typer.echo(f"results in {out}")
+    except _user_errors() as exc:
+        _fail(exc)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -87,6 +87,7 @@ def single_task(ctx: MethodContext) -> MethodResult:
     res = fit_grouping(ctx, Grouping.partition([[t] for t in ctx.data.task_names], method="single_task"),
                        "single_task")
     res.n_networks = len(ctx.data.tasks)
+    ctx.cache.setdefault("single_task_model", res.model)  # InterroGate starts its task branches from it
     return res
 
 
