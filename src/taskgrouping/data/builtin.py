@@ -32,7 +32,7 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 @register_dataset("planted")
-def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_dim: int = 32,
+def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_dim: int = 64,
             feature_dim: int = 8, noise: float = 1.0, task_type: str = "regression", n_train: int = 500,
             n_val: int = 500, n_test: int = 2000, within_group_similarity: float = 0.7, seed: int = 0) -> TaskData:
     """Tasks in planted groups that compete for encoder capacity.
