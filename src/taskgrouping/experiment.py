@@ -9,7 +9,6 @@ methods, so a resumed run skips them) and ``DIR/models/<method>.safetensors`` (f
 from __future__ import annotations
 
 import json
-import math
 import platform
 import subprocess
 import time
@@ -203,6 +202,3 @@ def summarise(config: dict[str, Any], data: TaskData, results: dict[str, dict[st
         "methods": results,
     }
 
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

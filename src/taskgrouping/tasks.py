@@ -232,10 +232,6 @@ class TaskMeter:
         return out
 
 
-def task_names(tasks: list[Task]) -> list[str]:
-    return [t.name for t in tasks]
-
-
 def validate_task_list(tasks: list[Task]) -> None:
     """Raise if names repeat."""
     seen: set[str] = set()
