@@ -65,6 +65,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "init": "baselines",
     "omega": None,
     "gate_init": 0.5,
+    "weight_lr_scale": 1.0,
 }
 SPARSITY_KINDS = ("hinge", "l1")
 GATE_OPTIMIZERS = ("sgd", "adam")
@@ -90,6 +91,9 @@ class InterroGateOptions:
     init: str
     omega: dict[str, float]
     gate_init: float
+    #: the network weights' learning rate = train.lr x this (below 1 fine-tunes the STL / MTL weights gently
+    #: while the gates learn, which small datasets need: at the full rate they overfit before gates move)
+    weight_lr_scale: float = 1.0
 
 
 def _number(key: str, value: Any) -> float:
@@ -139,8 +143,11 @@ def parse_options(options: Mapping[str, Any], tasks: Sequence[Task]) -> InterroG
             raise ValueError(f"interrogate.{key} must be one of {list(allowed)}, got {o[key]!r}")
     tau = _per_task("tau", o["tau"], tasks, {}, 0.0, 1.0)
     omega = _per_task("omega", o["omega"], tasks, {t.name: float(t.weight) for t in tasks}, 0.0, math.inf)
+    weight_lr_scale = _number("weight_lr_scale", o["weight_lr_scale"])
+    if weight_lr_scale <= 0:
+        raise ValueError(f"interrogate.weight_lr_scale must be > 0, got {weight_lr_scale}")
     return InterroGateOptions(lambda_s, tau, o["sparsity"], gate_lr, o["gate_optimizer"], o["init"], omega,
-                              _number("gate_init", o["gate_init"]))
+                              _number("gate_init", o["gate_init"]), weight_lr_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +194,9 @@ class InterroGateObjective:
     (:meth:`param_groups`); :meth:`after_step` steps the gates' optimiser and clears their grads.
     """
 
-    def __init__(self, model: GatedNetwork, tasks: Sequence[Task], options: InterroGateOptions) -> None:
+    def __init__(self, model: GatedNetwork, tasks: Sequence[Task], options: InterroGateOptions,
+                 base_lr: float | None = None) -> None:
+        self.base_lr = base_lr
         self.tasks = {t.name: t for t in tasks}
         if list(self.tasks) != model.task_names:
             raise ValueError(f"the gated network's tasks {model.task_names} differ from {list(self.tasks)}")
@@ -210,7 +219,10 @@ class InterroGateObjective:
         return StepOutput(losses, extra_loss=extra)
 
     def param_groups(self, model: GatedNetwork) -> list[dict[str, Any]]:
-        return [{"params": model.weight_parameters()}]
+        group: dict[str, Any] = {"params": model.weight_parameters()}
+        if self.base_lr is not None and self.options.weight_lr_scale != 1.0:
+            group["lr"] = self.base_lr * self.options.weight_lr_scale
+        return [group]
 
     def after_step(self) -> None:
         self.gate_optimizer.step()
@@ -306,7 +318,7 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     network (Bejnordi et al. 2024). Not a grouping method: reports one group of all tasks."""
     opts = parse_options(ctx.options, ctx.data.tasks)
     model, baseline_seconds = build_interrogate_model(ctx, opts)
-    objective = InterroGateObjective(model, ctx.data.tasks, opts)
+    objective = InterroGateObjective(model, ctx.data.tasks, opts, base_lr=ctx.train.lr)
     result, val, _ = fit_model(ctx, model, "interrogate", objective=objective)
     gated: GatedNetwork = result.model
     compiled = gated.compile().eval()

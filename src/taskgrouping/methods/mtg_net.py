@@ -52,7 +52,7 @@ def _rounds(ctx: MethodContext, n: int) -> int:
     return rounds
 
 
-@register_method("mtg_net", dict(FANOUT_OPTIONS, rounds="n_tasks", overlap=False, reuse=True, meta_epochs=100,
+@register_method("mtg_net", dict(FANOUT_OPTIONS, rounds="n_tasks", overlap=False, reuse=True, meta_epochs=20,
                                  gain_source="hybrid"))
 def mtg_net(ctx: MethodContext) -> MethodResult:
     """Gains of sampled task combinations measured by training them, a meta-learner fit on them,
@@ -64,7 +64,7 @@ def mtg_net(ctx: MethodContext) -> MethodResult:
     for key, value in (("overlap", overlap), ("reuse", reuse)):
         if not isinstance(value, bool):
             raise ValueError(f"mtg_net.{key} must be true or false, got {value!r}")
-    meta_epochs = ctx.option("meta_epochs", 100)
+    meta_epochs = ctx.option("meta_epochs", 20)
     if isinstance(meta_epochs, bool) or not isinstance(meta_epochs, int) or meta_epochs < 1:
         raise ValueError(f"mtg_net.meta_epochs must be a positive integer, got {meta_epochs!r}")
 
