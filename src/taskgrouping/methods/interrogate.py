@@ -36,6 +36,8 @@ the sharing pattern (Fig. 3).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import statistics
@@ -319,7 +321,10 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     opts = parse_options(ctx.options, ctx.data.tasks)
     model, baseline_seconds = build_interrogate_model(ctx, opts)
     objective = InterroGateObjective(model, ctx.data.tasks, opts, base_lr=ctx.train.lr)
-    result, val, _ = fit_model(ctx, model, "interrogate", objective=objective)
+    # The gated phase keeps its last epoch: the sparsity trade-off is where the schedule ends, and
+    # restoring the best-validation epoch would undo the gates (it is often the first, before they move).
+    gated_ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, select="last", early_stopping=0))
+    result, val, _ = fit_model(gated_ctx, model, "interrogate", objective=objective)
     gated: GatedNetwork = result.model
     compiled = gated.compile().eval()
     device = next(gated.parameters()).device
