@@ -137,6 +137,18 @@ def tag_select(affinity: Path = typer.Option(..., "--affinity", help="JSON {reci
         typer.echo(f"group {i}: {{{', '.join(g)}}}  serves {{{', '.join(served)}}}")
 
 
+def _config(config: Optional[Path], preset: Optional[str], overrides: list[str]) -> dict:
+    """The validated config, with torch's thread count applied (for commands that train directly)."""
+    from taskgrouping.config import build_config
+
+    cfg = build_config(config, preset, overrides)
+    if cfg["threads"]:
+        import torch
+
+        torch.set_num_threads(int(cfg["threads"]))
+    return cfg
+
+
 def _csv(text: str, cast=str) -> list:
     return [cast(v.strip()) for v in text.split(",") if v.strip()]
 
@@ -155,14 +167,9 @@ def balance_bench(config: Optional[Path] = typer.Argument(None, help="YAML confi
     """Balancers x {parameter, feature level} on naive MTL: the paper-style table (Mao et al.) with
     arrows vs EW, Delta_MTL, mean rank, and the ranking similarity of GDS / GMS / FD."""
     from taskgrouping.balancer_benchmark import run_benchmark
-    from taskgrouping.config import build_config
 
     try:
-        cfg = build_config(config, preset, set_)
-        if cfg["threads"]:
-            import torch
-
-            torch.set_num_threads(int(cfg["threads"]))
+        cfg = _config(config, preset, set_)
         run_benchmark(cfg, _csv(balancers), _csv(levels), _csv(seeds, int), out, diagnostics_every,
                       diagnostics_level=diagnostics_level, echo=typer.echo)
         typer.echo(f"results in {out}")
@@ -180,15 +187,10 @@ def interrogate_sweep(config: Optional[Path] = typer.Argument(None, help="YAML c
                       set_: list[str] = typer.Option([], "--set", "-s")) -> None:
     """InterroGate's accuracy / FLOPs trade-off over lambda_s against STL and naive MTL (paper Fig. 2),
     with the per-layer sharing pattern (Fig. 3)."""
-    from taskgrouping.config import build_config
     from taskgrouping.methods.interrogate import interrogate_sweep_cli
 
     try:
-        cfg = build_config(config, preset, set_)
-        if cfg["threads"]:
-            import torch
-
-            torch.set_num_threads(int(cfg["threads"]))
+        cfg = _config(config, preset, set_)
         typer.echo(interrogate_sweep_cli(cfg, _csv(lambdas, float), _csv(seeds, int), out))
         typer.echo(f"results in {out}")
     except _user_errors() as exc:
