@@ -68,6 +68,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "omega": None,
     "gate_init": 0.5,
     "weight_lr_scale": 1.0,
+    "epochs": None,
 }
 SPARSITY_KINDS = ("hinge", "l1")
 GATE_OPTIMIZERS = ("sgd", "adam")
@@ -134,6 +135,9 @@ def parse_options(options: Mapping[str, Any], tasks: Sequence[Task]) -> InterroG
     if unknown:
         raise ValueError(f"unknown interrogate option(s) {unknown}; expected some of {sorted(DEFAULT_OPTIONS)}")
     o = dict(DEFAULT_OPTIONS, **options)
+    epochs = o["epochs"]
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"interrogate.epochs must be a positive integer (or null = train.epochs), got {epochs!r}")
     lambda_s = _number("lambda_s", o["lambda_s"])
     if lambda_s < 0:
         raise ValueError(f"interrogate.lambda_s must be >= 0, got {lambda_s}")
@@ -323,7 +327,10 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     objective = InterroGateObjective(model, ctx.data.tasks, opts, base_lr=ctx.train.lr)
     # The gated phase keeps its last epoch: the sparsity trade-off is where the schedule ends, and
     # restoring the best-validation epoch would undo the gates (it is often the first, before they move).
-    gated_ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, select="last", early_stopping=0))
+    # ``interrogate.epochs`` sets the length of this fine-tuning phase (default: train.epochs).
+    epochs = ctx.options.get("epochs") or ctx.train.epochs
+    gated_ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, select="last", early_stopping=0,
+                                                                   epochs=int(epochs)))
     result, val, _ = fit_model(gated_ctx, model, "interrogate", objective=objective)
     gated: GatedNetwork = result.model
     compiled = gated.compile().eval()
