@@ -67,7 +67,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "init": "baselines",
     "omega": None,
     "gate_init": 0.5,
-    "weight_lr_scale": 1.0,
+    "weight_lr_scale": 0.1,
     "epochs": None,
 }
 SPARSITY_KINDS = ("hinge", "l1")
@@ -96,7 +96,7 @@ class InterroGateOptions:
     gate_init: float
     #: the network weights' learning rate = train.lr x this (below 1 fine-tunes the STL / MTL weights gently
     #: while the gates learn, which small datasets need: at the full rate they overfit before gates move)
-    weight_lr_scale: float = 1.0
+    weight_lr_scale: float = 0.1
 
 
 def _number(key: str, value: Any) -> float:
