@@ -514,7 +514,7 @@ def dmtg(ctx: MethodContext) -> MethodResult:
         net.load_from_single_branch(warm)
     model = DMTGModel(net, ctx.data.task_names, s0, opts["grad_scaling"])
     objective = DMTGObjective(ctx.data.tasks, opts)
-    result, val_dmtg, _ = fit_model(ctx, model, "dmtg", objective=objective)
+    result, _, _ = fit_model(ctx, model, "dmtg", score_test=False, objective=objective)
     model = result.model
     grouping = model.grouping()
     pruned = model.pruned()
@@ -525,7 +525,7 @@ def dmtg(ctx: MethodContext) -> MethodResult:
         from dataclasses import replace
 
         ft_ctx = replace(ctx, train=replace(ctx.train, epochs=int(opts["finetune_epochs"])))
-        ft, _, _ = fit_model(ft_ctx, pruned, "dmtg_finetune")
+        ft, _, _ = fit_model(ft_ctx, pruned, "dmtg_finetune", score_test=False)
         pruned = ft.model
         seconds += ft.train_seconds
     val = evaluate(pruned, val_loader, ctx.data.tasks)

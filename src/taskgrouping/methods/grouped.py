@@ -8,6 +8,7 @@ model, trains it with the shared trainer and scores it on the test split.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from taskgrouping.balancing.base import get_balancer
 from taskgrouping.grouping.grouping import Grouping
@@ -25,8 +26,13 @@ def build_model(ctx: MethodContext, grouping: Grouping) -> BranchedModel:
                                 shared_blocks=int(ctx.model.get("shared_blocks", 0)), serves=grouping.serves)
 
 
-def fit_model(ctx: MethodContext, model: BranchedModel, tag: str, **train_kw) -> tuple[TrainResult, dict, dict]:
-    """Train ``model`` (checkpoints under ``tag``) and return (train result, val metrics, test metrics)."""
+def fit_model(ctx: MethodContext, model: nn.Module, tag: str, score_test: bool = True,
+              **train_kw) -> tuple[TrainResult, dict, dict | None]:
+    """Train ``model`` (checkpoints under ``tag``) and return (train result, val metrics, test metrics).
+
+    The validation metrics are those the trainer logged for the selected epoch (the returned
+    weights); the test split is scored only when ``score_test`` (``None`` otherwise).
+    """
     train_loader, val_loader, test_loader = ctx.loaders()
     balancer = get_balancer(ctx.balancer.get("name", "ew"), tasks=ctx.data.task_names,
                             **(ctx.balancer.get("options") or {}))
@@ -44,9 +50,9 @@ def fit_model(ctx: MethodContext, model: BranchedModel, tag: str, **train_kw) ->
     result = train(model, train_loader, val_loader, ctx.data.tasks, ctx.train, seed=ctx.seed, balancer=balancer,
                    checkpoint_dir=ctx.checkpoint_dir(tag), resume=ctx.resume, log=log, desc=f"{ctx.name}:{tag}",
                    **train_kw)
-    predict = train_kw.get("predict")
-    val = evaluate(result.model, val_loader, ctx.data.tasks, predict, next(result.model.parameters()).device)
-    test = evaluate(result.model, test_loader, ctx.data.tasks, predict, next(result.model.parameters()).device)
+    val = next(h["val"] for h in result.history if h["epoch"] == result.best_epoch)
+    test = (evaluate(result.model, test_loader, ctx.data.tasks, train_kw.get("predict"),
+                     next(result.model.parameters()).device) if score_test else None)
     return result, val, test
 
 

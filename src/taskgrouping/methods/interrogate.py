@@ -331,7 +331,7 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     epochs = ctx.options.get("epochs") or ctx.train.epochs
     gated_ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, select="last", early_stopping=0,
                                                                    epochs=int(epochs)))
-    result, val, _ = fit_model(gated_ctx, model, "interrogate", objective=objective)
+    result, val, _ = fit_model(gated_ctx, model, "interrogate", score_test=False, objective=objective)
     gated: GatedNetwork = result.model
     compiled = gated.compile().eval()
     device = next(gated.parameters()).device

@@ -177,7 +177,7 @@ def tag(ctx: MethodContext) -> MethodResult:
     collector = AffinityCollector(ctx.data.tasks, model.shared_parameters(), every=ctx.option("every", 1),
                                   lookahead=ctx.option("lookahead", "sgd"), divide_by_lr=divide,
                                   lr=ctx.train.lr, weight_decay=ctx.train.weight_decay, seed=ctx.seed)
-    run, _, _ = fit_model(ctx, model, "tag_affinity", callbacks=[collector])
+    run, _, _ = fit_model(ctx, model, "tag_affinity", score_test=False, callbacks=[collector])
     if collector.accumulator.epochs == 0:
         raise ValueError(f"tag measured no affinity: {collector.skipped} lookahead steps were skipped "
                          f"(tag.every={collector.every}, {run.history[-1]['steps'] if run.history else 0} steps "
