@@ -26,6 +26,7 @@ from taskgrouping.diagnostics import (
     ranking_similarity_gap,
     task_gradients,
 )
+from taskgrouping.diagnostics import _feature_gradients_one_pass
 
 
 # -- GDS / GMS ------------------------------------------------------------------------------------
@@ -328,6 +329,85 @@ def test_callback_values_equal_standalone_functions():
     feat = diagnose(losses, features={0: z}, level="feature", measures=("gds",))
     assert feat == pytest.approx({"gds": gradient_direction_similarity(task_gradients(losses, z))}, rel=1e-5)
     assert DiagnosticsCallback(every=5).measure(11, losses, shared, [z]) is None
+
+
+def _one_pass(losses, feats):
+    """(whether the one-pass path applied, its rows) for the losses and feature tensors."""
+    out = torch.full((len(losses), sum(z.numel() for z in feats)), float("nan"))
+    return _feature_gradients_one_pass(out, losses, list(feats)), out
+
+
+def test_one_pass_feature_gradients_equal_per_task_passes():
+    torch.manual_seed(0)
+    # separate heads on one feature tensor (the trainer's case): bit-for-bit the per-task rows
+    model = TinyMTL(4)
+    losses, z = _losses(model, torch.randn(9, 5), [torch.randn(9) for _ in range(4)])
+    applied, G = _one_pass(losses, [z])
+    assert applied and torch.equal(G, task_gradients(losses, z))
+    # two branches (as in DMTG), each task reading both through its own layers, one head using a
+    # feature twice, a loss without graph (zero row) and a leaf feature tensor (AccumulateGrad edge)
+    z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 3).tanh().requires_grad_()
+    w = [torch.randn(4), torch.randn(3), torch.randn(4)]
+    losses = {"a": (z1 @ w[0]).square().mean() + (z2 @ w[1]).sin().sum(),
+              "b": (z1 * z1 * w[2]).sum() - z2.mean(),
+              "c": torch.tensor(0.3),
+              "d": (z2.exp() * 0.5).sum()}
+    applied, G = _one_pass(losses, [z1, z2])
+    assert applied
+    assert torch.allclose(G, task_gradients(losses, [z1, z2]), rtol=1e-6, atol=1e-7)
+    assert torch.equal(G[2], torch.zeros(G.shape[1]))
+
+
+def test_one_pass_declines_when_tasks_share_graph_nodes():
+    torch.manual_seed(0)
+    z = torch.randn(5, 4).requires_grad_()
+    hidden = (z @ torch.randn(4, 3)).relu()  # a layer both heads share: not one pass
+    shared = {"a": hidden[:, 0].sum(), "b": hidden[:, 1:].square().sum()}
+    z2 = z.tanh()  # a feature computed from another: dL/dz includes the path through z2
+    chained = {"a": (z * 2).sum() + z2.sum(), "b": z2.square().sum()}
+    for losses, feats in ((shared, [z]), (chained, [z, z2])):
+        G_before = torch.full((2, sum(f.numel() for f in feats)), float("nan"))
+        assert not _feature_gradients_one_pass(G_before, losses, feats)
+        assert torch.isnan(G_before).all()  # declined before touching anything
+        # diagnose falls back to one pass per task and matches the standalone functions
+        G = task_gradients(losses, feats)
+        got = diagnose(losses, features=feats, level="feature")
+        assert got == pytest.approx({"gds": gradient_direction_similarity(G), "gms": gradient_magnitude_similarity(G),
+                                     "fd": feature_disentanglement_from_saliency(G.abs())}, rel=1e-6)
+
+
+def test_callback_buffers_reused_across_batch_sizes():
+    # the callback keeps its work buffers; a smaller then a larger batch must not see stale values
+    torch.manual_seed(0)
+    model = TinyMTL()
+    shared = list(model.trunk.parameters())
+    for level in ("param", "feature"):
+        cb = DiagnosticsCallback(every=1, level=level)
+        for step, n in enumerate((9, 4, 9, 13)):
+            losses, z = _losses(model, torch.randn(n, 5), [torch.randn(n) for _ in range(3)])
+            entry = cb.measure(step, losses, shared, [z])
+            fresh = diagnose(losses, shared, [z], level=level)
+            assert {k: v for k, v in entry.items() if k != "step"} == fresh
+
+
+def test_fd_from_saliency_leaves_input_alone_and_rejects_nan():
+    S = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    before = S.clone()
+    feature_disentanglement_from_saliency(S)
+    assert torch.equal(S, before)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        feature_disentanglement_from_saliency(torch.tensor([[1.0, float("nan")], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        feature_disentanglement_from_saliency(torch.tensor([[1.0, float("inf")], [1.0, 1.0]]))
+
+
+def test_diagnose_after_the_training_backward_names_the_task():
+    torch.manual_seed(0)
+    model = TinyMTL()
+    losses, z = _losses(model, torch.randn(4, 5), [torch.randn(4) for _ in range(3)])
+    torch.stack(list(losses.values())).sum().backward()
+    with pytest.raises(RuntimeError, match="task 't0'.*before the training backward"):
+        diagnose(losses, features=[z], level="feature")
 
 
 def test_callback_config_errors_and_state_roundtrip():

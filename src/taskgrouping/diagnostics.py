@@ -25,6 +25,13 @@ gradients instead of accumulating them, so the parameters' ``.grad`` is never re
 :class:`DiagnosticsCallback` uses this to log the measures during training without changing the
 training run: the trainer calls it after the forward pass and *before* the step's backward pass,
 while the graph still exists (``train(..., callbacks=[DiagnosticsCallback(every=10)])``).
+
+Cost per measurement (benchmarks/results/diagnostics.md): at the param level one reverse pass per
+task through the shared trunk, which no implementation of exact per-task parameter gradients can
+avoid; at the feature level, when each task reaches the features through its own head, a single
+reverse pass through the heads whose per-task shares are recorded by hooks, else one per task.
+The measures' own arithmetic works in place on one T x P matrix, and the callback keeps that
+matrix between measurements instead of allocating it afresh.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 MEASURES: tuple[str, ...] = ("gds", "gms", "fd")
 _LABELS = {
@@ -60,6 +68,151 @@ def _as_tensor_list(tensors: FeatureArg) -> list[Tensor]:
     return list(tensors)
 
 
+def _check_gradient_args(losses: Mapping[str, Tensor], wrt: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """Validate the arguments of :func:`task_gradients`; return ``wrt`` as a list."""
+    if not losses:
+        raise ValueError("losses is empty; expected at least one task loss")
+    inputs = _as_tensor_list(wrt)
+    if not inputs:
+        raise ValueError("wrt is empty; expected the shared parameters or feature tensors")
+    for k, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"wrt[{k}] is a {type(t).__name__}; expected a torch.Tensor")
+        if not t.requires_grad:
+            raise ValueError(f"wrt[{k}] (shape {tuple(t.shape)}) does not require grad; pass parameters, or "
+                             "features from a forward pass run with grad enabled")
+    for name, loss in losses.items():
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss of task {name!r} must be a scalar tensor, got {shape}")
+    return inputs
+
+
+def _task_gradients_into(out: Tensor, losses: Mapping[str, Tensor], inputs: list[Tensor],
+                         retain_graph: bool) -> Tensor:
+    """Write dL_i/d(inputs) into row i of ``out`` ([T, P], every row overwritten); return ``out``.
+
+    One reverse pass per task. A single vmap-batched pass (``is_grads_batched=True`` on the stacked
+    losses) gives the same rows but was measured slower on CPU for the benchmark models
+    (benchmarks/results/diagnostics.md), so it is not used.
+    """
+    n_live = sum(loss.requires_grad for loss in losses.values())
+    n_done = 0
+    for i, (name, loss) in enumerate(losses.items()):
+        if not loss.requires_grad:
+            out[i].zero_()
+            continue
+        n_done += 1
+        try:
+            grads = torch.autograd.grad(loss.reshape(()), inputs, retain_graph=retain_graph or n_done < n_live,
+                                        create_graph=False, allow_unused=True, materialize_grads=True)
+        except RuntimeError as exc:
+            if "second time" in str(exc):
+                raise RuntimeError(f"the graph of task {name!r}'s loss was already freed; compute "
+                                   "diagnostics before the training backward pass (or retain its graph)") from exc
+            raise
+        start = 0
+        for g in grads:
+            out[i, start:start + g.numel()].view_as(g).copy_(g)
+            start += g.numel()
+    return out
+
+
+def _reaches_another(nodes: Sequence[Any], edges: Mapping[tuple[Any, int], int]) -> bool:
+    """Whether the reverse graph above ``nodes`` (the features' nodes) holds an edge into a feature,
+    i.e. one feature is computed from another."""
+    seen = set(nodes)
+    stack = list(nodes)
+    while stack:
+        for edge in stack.pop().next_functions:
+            if edge[0] is None:
+                continue
+            if edge in edges:
+                return True
+            if edge[0] not in seen:
+                seen.add(edge[0])
+                stack.append(edge[0])
+    return False
+
+
+def _feature_gradients_one_pass(out: Tensor, losses: Mapping[str, Tensor], features: list[Tensor]) -> bool:
+    """Fill ``out`` ([T, N]) with dL_i/d(features) from ONE reverse pass of the summed losses, when
+    that is exact; else return False (without touching ``out``, unless the graph turns out to be
+    freed) and leave the rows to one pass per task.
+
+    It is exact when every task reaches the features only through its own part of the graph (its
+    head): the reverse pass of sum_i L_i then runs each part once, with seed 1, and what task i's
+    part sends along its edges into the features is exactly dL_i/dZ. A hook on each node that feeds
+    the features records that share before the engine adds the tasks together. The graph is
+    checked first: a node between the losses and the features that two losses reach, or a feature
+    computed from another feature (its gradient would include paths through the other), makes it
+    inexact. Same numbers as one pass per task (bit for bit when a task feeds each feature through
+    one node), without the T - 1 extra engine runs.
+    """
+    # Graph nodes are keyed by their Python objects, which stay unique while these dicts hold them.
+    edges: dict[tuple[Any, int], int] = {}
+    offsets = [0]
+    for k, z in enumerate(features):
+        edge = get_gradient_edge(z)
+        edges[(edge.node, edge.output_nr)] = k
+        offsets.append(offsets[-1] + z.numel())
+    feature_nodes = {node for node, _ in edges}
+    if len(edges) < len(features) or (len(features) > 1 and _reaches_another(list(feature_nodes), edges)):
+        return False
+    owner: dict[Any, int] = {}  # graph node -> the task whose loss reaches it
+    taps: dict[Any, list[tuple[int, int, int]]] = {}  # node feeding a feature -> [(input slot, task, feature)]
+    live = []
+    for i, loss in enumerate(losses.values()):
+        root = loss.grad_fn
+        if root is None:
+            continue
+        if root in feature_nodes:
+            return False
+        reaches = False
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if node in owner:
+                if owner[node] != i:
+                    return False
+                continue
+            owner[node] = i
+            for slot, edge in enumerate(node.next_functions):
+                if edge[0] is None:
+                    continue
+                k = edges.get(edge)
+                if k is None:
+                    stack.append(edge[0])
+                else:
+                    taps.setdefault(node, []).append((slot, i, k))
+                    reaches = True
+        if reaches:
+            live.append(loss if loss.dim() == 0 else loss.reshape(()))
+    out.zero_()
+    if not live:
+        return True
+
+    def make_hook(targets: list[tuple[int, int, int]]):
+        def hook(grad_inputs, grad_outputs):
+            for slot, i, k in targets:
+                g = grad_inputs[slot]
+                if g is not None:
+                    out[i, offsets[k]:offsets[k + 1]].view_as(g).add_(g)
+        return hook
+
+    handles = [node.register_hook(make_hook(targets)) for node, targets in taps.items()]
+    try:
+        torch.autograd.grad(live, features, retain_graph=True, allow_unused=True)
+    except RuntimeError as exc:
+        if "second time" in str(exc):
+            return False  # a freed graph: the per-task passes name the task in their error
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+    return True
+
+
 def task_gradients(losses: Mapping[str, Tensor], wrt: Tensor | Sequence[Tensor],
                    retain_graph: bool = True) -> Tensor:
     """Per-task gradients, flattened and stacked: row i is dL_i/d(wrt), shape ``[T, P]``.
@@ -77,56 +230,27 @@ def task_gradients(losses: Mapping[str, Tensor], wrt: Tensor | Sequence[Tensor],
 
     The result is detached and costs T x P memory; ``.grad`` of ``wrt`` is left untouched.
     """
-    if not losses:
-        raise ValueError("losses is empty; expected at least one task loss")
-    inputs = _as_tensor_list(wrt)
-    if not inputs:
-        raise ValueError("wrt is empty; expected the shared parameters or feature tensors")
-    for k, t in enumerate(inputs):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"wrt[{k}] is a {type(t).__name__}; expected a torch.Tensor")
-        if not t.requires_grad:
-            raise ValueError(f"wrt[{k}] (shape {tuple(t.shape)}) does not require grad; pass parameters, or "
-                             "features from a forward pass run with grad enabled")
-    for name, loss in losses.items():
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"loss of task {name!r} must be a scalar tensor, got {shape}")
-    sizes = [t.numel() for t in inputs]
-    dtype = inputs[0].dtype
-    out = torch.zeros(len(losses), sum(sizes), dtype=dtype, device=inputs[0].device)
-    live = [i for i, loss in enumerate(losses.values()) if loss.requires_grad]
-    names = list(losses)
-    for n, i in enumerate(live):
-        keep = retain_graph or n < len(live) - 1
-        try:
-            grads = torch.autograd.grad(losses[names[i]].reshape(()), inputs, retain_graph=keep,
-                                        create_graph=False, allow_unused=True, materialize_grads=True)
-        except RuntimeError as exc:
-            if "second time" in str(exc):
-                raise RuntimeError(f"the graph of task {names[i]!r}'s loss was already freed; compute "
-                                   "diagnostics before the training backward pass (or retain its graph)") from exc
-            raise
-        start = 0
-        for g, size in zip(grads, sizes):
-            out[i, start:start + size].copy_(g.reshape(-1))
-            start += size
-    return out
+    inputs = _check_gradient_args(losses, wrt)
+    out = torch.empty(len(losses), sum(t.numel() for t in inputs), dtype=inputs[0].dtype, device=inputs[0].device)
+    return _task_gradients_into(out, losses, inputs, retain_graph)
 
 
 def task_saliency(losses: Mapping[str, Tensor], features: Tensor | Sequence[Tensor],
                   retain_graph: bool = True) -> Tensor:
     """Saliency |dL_i/dZ_j| of every task at every feature element, shape ``[T, N]``."""
-    return task_gradients(losses, features, retain_graph=retain_graph).abs()
+    return task_gradients(losses, features, retain_graph=retain_graph).abs_()
 
 
 # -- gradient similarity --------------------------------------------------------------------------
 
-def _gram(G: Tensor, name: str) -> Tensor:
-    """Validated Gram matrix G G^T of per-task gradients ``[T, P]``, as float64 ``[T, T]``.
+def _gram(G: Tensor, name: str) -> np.ndarray:
+    """Validated Gram matrix G G^T of per-task gradients ``[T, P]``, as a float64 NumPy ``[T, T]``.
 
-    Only the T x T result is checked for NaN/inf (a non-finite gradient makes its Gram row
-    non-finite), which keeps the check cheap for millions of parameters.
+    The product runs in the gradients' dtype (float32 for float32 gradients: one pass over the
+    T x P matrix, no float64 copy of it) and is cast afterwards. Only the T x T result is checked
+    for NaN/inf (a non-finite gradient makes its Gram row non-finite), which keeps the check cheap
+    for millions of parameters. The T x T arithmetic that follows runs in NumPy, where each small
+    operation costs a few microseconds less than a torch dispatch.
     """
     if not isinstance(G, Tensor):
         G = torch.as_tensor(np.asarray(G, dtype=np.float64))
@@ -137,31 +261,33 @@ def _gram(G: Tensor, name: str) -> Tensor:
     G = G.detach()
     if not G.is_floating_point():
         G = G.to(torch.float64)
-    gram = (G @ G.T).to(torch.float64)
-    if not torch.isfinite(gram).all():
+    gram = (G @ G.T).to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(gram).all():
         raise ValueError(f"{name}: the gradients contain NaN or inf (or overflow when squared)")
     return gram
 
 
-def _off_diagonal_mean(M: Tensor) -> float:
-    T = M.shape[0]
-    off = M[~torch.eye(T, dtype=torch.bool, device=M.device)]
-    defined = off[~torch.isnan(off)]
-    return float(defined.mean()) if defined.numel() else math.nan
+def _off_diagonal_mean(M: np.ndarray) -> float:
+    off = M[~np.eye(M.shape[0], dtype=bool)]
+    defined = off[~np.isnan(off)]
+    return float(defined.mean()) if defined.size else math.nan
 
 
-def _cosine_from_gram(gram: Tensor) -> Tensor:
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, gram / torch.where(denom > 0, denom, 1.0), torch.nan)
+def _cosine_from_gram(gram: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    denom = np.outer(norms, norms)
+    return np.where(denom > 0, gram / np.where(denom > 0, denom, 1.0), np.nan)
 
 
-def _magnitude_from_gram(gram: Tensor) -> Tensor:
-    sq = gram.diagonal().clamp_min(0)
-    norms = sq.sqrt()
+def _magnitude_from_gram(gram: np.ndarray) -> np.ndarray:
+    sq = np.clip(np.diag(gram), 0.0, None)
+    norms = np.sqrt(sq)
     denom = sq[:, None] + sq[None, :]
-    return torch.where(denom > 0, 2 * norms[:, None] * norms[None, :] / torch.where(denom > 0, denom, 1.0),
-                       torch.nan)
+    return np.where(denom > 0, 2 * np.outer(norms, norms) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def _device_of(G: Any) -> torch.device:
+    return G.device if isinstance(G, Tensor) else torch.device("cpu")
 
 
 def gradient_direction_matrix(G: Tensor) -> Tensor:
@@ -169,7 +295,7 @@ def gradient_direction_matrix(G: Tensor) -> Tensor:
 
     Entries involving a zero gradient are undefined and set to NaN.
     """
-    return _cosine_from_gram(_gram(G, "gradient_direction_matrix"))
+    return torch.as_tensor(_cosine_from_gram(_gram(G, "gradient_direction_matrix")), device=_device_of(G))
 
 
 def gradient_magnitude_matrix(G: Tensor) -> Tensor:
@@ -177,7 +303,7 @@ def gradient_magnitude_matrix(G: Tensor) -> Tensor:
 
     A zero gradient against a non-zero one scores 0; two zero gradients are undefined (NaN).
     """
-    return _magnitude_from_gram(_gram(G, "gradient_magnitude_matrix"))
+    return torch.as_tensor(_magnitude_from_gram(_gram(G, "gradient_magnitude_matrix")), device=_device_of(G))
 
 
 def gradient_direction_similarity(G: Tensor) -> float:
@@ -185,7 +311,7 @@ def gradient_direction_similarity(G: Tensor) -> float:
 
     Pairs involving a zero gradient are left out; NaN when no pair is defined.
     """
-    return _off_diagonal_mean(gradient_direction_matrix(G))
+    return _off_diagonal_mean(_cosine_from_gram(_gram(G, "gradient_direction_similarity")))
 
 
 def gradient_magnitude_similarity(G: Tensor) -> float:
@@ -193,23 +319,32 @@ def gradient_magnitude_similarity(G: Tensor) -> float:
 
     Pairs of two zero gradients are left out; NaN when no pair is defined.
     """
-    return _off_diagonal_mean(gradient_magnitude_matrix(G))
+    return _off_diagonal_mean(_magnitude_from_gram(_gram(G, "gradient_magnitude_similarity")))
 
 
 # -- feature disentanglement ----------------------------------------------------------------------
 
-def _mean_task_entropy(S: Tensor) -> float:
-    """Mean over positions with some saliency of the task entropy; ``S`` is [T, N] and >= 0."""
+def _mean_task_entropy_(S: Tensor, work: Tensor | None = None) -> float:
+    """Mean over positions with some saliency of the task entropy; ``S`` is [T, N] and >= 0.
+
+    ``S`` is overwritten (with p); ``work`` (contiguous, S's shape and dtype) receives p log p,
+    else a temporary is allocated. The T x N work is six passes: column sums, p = s / sum, clamp,
+    log, multiply, sum.
+    """
+    if S.shape[1] == 0:
+        return math.nan
     total = S.sum(dim=0)
-    if not torch.isfinite(total).all():
+    if not math.isfinite(float(total.max())):  # S >= 0, so any NaN or inf shows in the largest sum
         raise ValueError("saliency (feature gradients) contains NaN or inf")
-    n_used = int((total > 0).sum())
+    n_used = int(torch.count_nonzero(total))
     if n_used == 0:
         return math.nan
     # Columns with total 0 give p = 0 and entropy 0, so they add nothing to the sum; dividing by
     # the number of used columns leaves them out of the mean without copying the used ones.
-    p = S / torch.where(total > 0, total, 1.0)
-    plogp = p * p.clamp_min(torch.finfo(p.dtype).tiny).log()  # exactly 0 at p = 0 and p = 1
+    p = S.div_(torch.where(total > 0, total, 1.0))
+    tiny = torch.finfo(p.dtype).tiny
+    plogp = p.clamp_min(tiny) if work is None else torch.clamp_min(p, tiny, out=work)
+    plogp.log_().mul_(p)  # exactly 0 at p = 0 and p = 1
     return float(-plogp.sum(dim=0).sum(dtype=torch.float64) / n_used)
 
 
@@ -232,14 +367,14 @@ def feature_disentanglement_from_saliency(saliency: Tensor) -> float:
         S = S.to(torch.float64)
     if (S < 0).any():
         raise ValueError("saliency must be non-negative (absolute gradients); got negative entries")
-    return _mean_task_entropy(S)
+    return _mean_task_entropy_(S.clone())
 
 
 def feature_disentanglement(losses: Mapping[str, Tensor], features: Tensor | Sequence[Tensor],
                             retain_graph: bool = True) -> float:
     """FD of the task losses on the shared features (all elements, batch included); see
     :func:`feature_disentanglement_from_saliency`."""
-    return feature_disentanglement_from_saliency(task_saliency(losses, features, retain_graph=retain_graph))
+    return _mean_task_entropy_(task_gradients(losses, features, retain_graph=retain_graph).abs_())
 
 
 # -- ranking similarity ---------------------------------------------------------------------------
@@ -297,15 +432,35 @@ def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:
     return ms
 
 
-def diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | None = None,
-             features: FeatureArg = None, level: Level = "param",
-             measures: Sequence[str] = MEASURES) -> dict[str, float]:
-    """The requested measures for one batch, from one differentiation pass per task.
+_SCRATCH_MAX_BYTES = 64 * 2**20
 
-    GDS/GMS use gradients w.r.t. ``shared_params`` (``level="param"``) or ``features``
-    (``level="feature"``); FD always uses ``features``. Parameters and features are
-    differentiated together, so FD costs nothing extra at the param level. The graph is retained.
+
+class _Scratch:
+    """Work buffers that :class:`DiagnosticsCallback` keeps from one measurement to the next.
+
+    A measurement needs a T x P gradient matrix and a T x N temporary for FD. Allocating them
+    afresh every time costs page faults (fresh memory from the OS) that, at the sizes of a small
+    model, take as long as the arithmetic itself; keeping them avoids that. A buffer over
+    ``_SCRATCH_MAX_BYTES`` is allocated per measurement instead of kept: holding that much memory
+    between measurements would cost more than the allocation saves.
     """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, key: str, rows: int, cols: int, like: Tensor) -> Tensor:
+        """A contiguous ``[rows, cols]`` tensor of ``like``'s dtype and device (contents undefined)."""
+        n = rows * cols
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            if n * buf.element_size() <= _SCRATCH_MAX_BYTES:
+                self._buffers[key] = buf
+        return buf[:n].view(rows, cols)
+
+
+def _diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | None, features: FeatureArg,
+              level: Level, measures: Sequence[str], scratch: _Scratch | None) -> dict[str, float]:
     ms = _check_measures(measures)
     if level not in ("param", "feature"):
         raise ValueError(f"level must be 'param' or 'feature', got {level!r}")
@@ -318,8 +473,14 @@ def diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | Non
         raise ValueError("shared_params are needed for GDS/GMS at level='param'")
     use_params = wants_grads and level == "param"
     wrt = (params if use_params else []) + (feats if ("fd" in ms or not use_params) else [])
-    G = task_gradients(losses, wrt, retain_graph=True)
+    inputs = _check_gradient_args(losses, wrt)
+    T, P = len(losses), sum(t.numel() for t in inputs)
+    G = (torch.empty(T, P, dtype=inputs[0].dtype, device=inputs[0].device) if scratch is None
+         else scratch.get("gradients", T, P, inputs[0]))
+    if use_params or not _feature_gradients_one_pass(G, losses, inputs):
+        _task_gradients_into(G, losses, inputs, retain_graph=True)
     n_params = sum(p.numel() for p in params) if use_params else 0
+    # The Gram is taken before FD turns the feature columns of G into saliencies in place.
     gram = _gram(G[:, :n_params] if use_params else G, "diagnose") if wants_grads else None
     out: dict[str, float] = {}
     for m in ms:
@@ -328,8 +489,25 @@ def diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | Non
         elif m == "gms":
             out[m] = _off_diagonal_mean(_magnitude_from_gram(gram))
         else:
-            out[m] = _mean_task_entropy(G[:, n_params:].abs())
+            S = G[:, n_params:].abs_()
+            work = None if scratch is None else scratch.get("entropy", T, S.shape[1], S)
+            out[m] = _mean_task_entropy_(S, work)
     return out
+
+
+def diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | None = None,
+             features: FeatureArg = None, level: Level = "param",
+             measures: Sequence[str] = MEASURES) -> dict[str, float]:
+    """The requested measures for one batch.
+
+    GDS/GMS use gradients w.r.t. ``shared_params`` (``level="param"``) or ``features``
+    (``level="feature"``); FD always uses ``features``. Parameters and features are
+    differentiated together, one reverse pass per task, so FD costs nothing extra at the param
+    level. With features alone, a single reverse pass serves all tasks when each task reaches the
+    features through its own head (see :func:`_feature_gradients_one_pass`), else one per task.
+    The graph is retained.
+    """
+    return _diagnose(losses, shared_params, features, level, measures, scratch=None)
 
 
 # -- training callback ----------------------------------------------------------------------------
@@ -344,8 +522,10 @@ class DiagnosticsCallback:
     heads read ``output.features`` (needed for FD and at ``level="feature"``). Gradients come from
     :func:`torch.autograd.grad` with ``retain_graph=True, create_graph=False``, so ``.grad``, the
     optimiser, the RNG and the training trajectory are unchanged. Cost per measurement: one
-    backward pass per task through the shared trunk at ``level="param"``; only through the heads
-    at ``level="feature"``.
+    backward pass per task through the shared trunk at ``level="param"``; one pass through the
+    heads at ``level="feature"`` (one per task when the tasks' heads share graph nodes). The
+    callback keeps its two work buffers (T x P and T x N floats) between measurements when each is
+    at most 64 MiB.
 
     ``on_epoch_end(epoch)`` tags the entries logged during the epoch with ``"epoch"`` and returns
     ``{"diagnostics": {...}}`` (merged by the trainer into the epoch's log record): the latest
@@ -367,6 +547,7 @@ class DiagnosticsCallback:
         self.measures = _check_measures(measures)
         self.history: list[dict[str, Any]] = []
         self._epoch_start = 0  # index of the first history entry of the running epoch
+        self._scratch = _Scratch()
 
     @property
     def needs_shared_parameters(self) -> bool:
@@ -385,7 +566,7 @@ class DiagnosticsCallback:
         if step % self.every:
             return None
         entry: dict[str, Any] = {"step": int(step)}
-        entry.update(diagnose(losses, shared_params, features, self.level, self.measures))
+        entry.update(_diagnose(losses, shared_params, features, self.level, self.measures, self._scratch))
         self.history.append(entry)
         return entry
 
