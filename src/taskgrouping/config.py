@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {"backbone": None, "options": {}, "shared_blocks": 0},
     "train": {},
     "balancer": {"name": "ew", "options": {}},
-    "diagnostics": {"every": 0, "level": "param"},
+    "diagnostics": {"every": 0, "level": "feature"},
 }
 DIAGNOSTICS_KEYS = ("every", "level")
 MODEL_KEYS = ("backbone", "options", "shared_blocks")
@@ -163,7 +163,7 @@ def validate(config: dict[str, Any]) -> None:
     diag = config["diagnostics"]
     if not isinstance(diag.get("every", 0), int) or diag.get("every", 0) < 0:
         raise ConfigError(f"diagnostics.every must be an integer >= 0 (0 = off), got {diag.get('every')!r}")
-    if diag.get("level", "param") not in ("param", "feature"):
+    if diag.get("level", "feature") not in ("param", "feature"):
         raise ConfigError(f"diagnostics.level must be 'param' or 'feature', got {diag.get('level')!r}")
     train_keys = [f.name for f in fields(TrainConfig)]
     _check_section(config, "train", train_keys)

@@ -45,7 +45,7 @@ def fit_model(ctx: MethodContext, model: nn.Module, tag: str, score_test: bool =
         from taskgrouping.diagnostics import DiagnosticsCallback
 
         train_kw["callbacks"] = list(train_kw.get("callbacks", ())) + [
-            DiagnosticsCallback(every=every, level=ctx.diagnostics.get("level", "param"))]
+            DiagnosticsCallback(every=every, level=ctx.diagnostics.get("level", "feature"))]
 
     result = train(model, train_loader, val_loader, ctx.data.tasks, ctx.train, seed=ctx.seed, balancer=balancer,
                    checkpoint_dir=ctx.checkpoint_dir(tag), resume=ctx.resume, log=log, desc=f"{ctx.name}:{tag}",
