@@ -3,12 +3,16 @@
 1. Step time of DMTG / (K x naive-MTL step time), K = 2..5, with and without shared blocks.
 2. Step time at N = 40 / N = 9 tasks, K = 5 (planted MLP shapes and CelebA-like TAG-ResNet shapes).
 3. Live heads at the end of training / N with head pruning on, and test loss with pruning vs without
-   (planted and MultiMNIST).
+   (planted and MultiMNIST, seeds 0-4).
+4. The planted acceptance runs (naive MTL / single-task / oracle / DMTG total test loss, seeds 0-4) and
+   how much of DMTG - oracle is initialisation luck: for each data seed, the oracle and DMTG are
+   trained from several initialisations (run seeds 1000 * data seed + j, same data) and their
+   means compared.
 
 Timings are medians over interleaved rounds in one process (the machine is shared and noisy), one
 CPU thread. Writes benchmarks/results/dmtg.json and dmtg.md.
 
-    python benchmarks/bench_dmtg.py [--quick]
+    python benchmarks/bench_dmtg.py [--quick] [--parts steps,n,heads,planted]
 """
 
 from __future__ import annotations
@@ -112,8 +116,8 @@ def n_ratio(quick: bool) -> list[dict]:
 def live_heads(quick: bool) -> list[dict]:
     rows = []
     methods = available_methods()
-    runs = [("planted", s, []) for s in ((0,) if quick else (0, 1, 2))]
-    runs += [("multimnist", s, []) for s in ((0,) if quick else (0, 1))]
+    seeds = (0,) if quick else (0, 1, 2, 3, 4)
+    runs = [(preset, s, []) for preset in ("planted", "multimnist") for s in seeds]
     for preset, seed, extra in runs:
         cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false", *extra])
         data = prepare_data(cfg)
@@ -132,10 +136,41 @@ def live_heads(quick: bool) -> list[dict]:
     return rows
 
 
+def _total(result) -> float:
+    return float(sum(m["loss"] for m in result.per_task.values()))
+
+
+def planted_runs(quick: bool, inits: int = 6) -> dict:
+    """Seeds 0-4 of the planted preset as the DMTG issue checks them, plus the init spread (see docstring)."""
+    methods = available_methods()
+    rows, spread = [], []
+    for seed in ((0,) if quick else (0, 1, 2, 3, 4)):
+        cfg = build_config(preset="planted", overrides=[f"seed={seed}", "train.progress=false"])
+        data = prepare_data(cfg)
+
+        def run(name: str, run_seed: int, cache: dict) -> float:
+            ctx = MethodContext(data=data, seed=run_seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
+                                model=cfg["model"], balancer=cfg["balancer"], options={}, name=name, cache=cache)
+            return _total(methods[name](ctx))
+
+        cache: dict = {}
+        row = {"seed": seed, **{m: run(m, seed, cache) for m in ("naive_mtl", "single_task", "oracle", "dmtg")}}
+        row["dmtg_vs_oracle"] = row["dmtg"] / row["oracle"] - 1
+        rows.append(row)
+        print(row, flush=True)
+        draws = {m: [run(m, 1000 * seed + j, {}) for j in range(2 if quick else inits)] for m in ("oracle", "dmtg")}
+        spread.append({"seed": seed, "draws": draws,
+                       **{f"{m}_mean": statistics.mean(v) for m, v in draws.items()},
+                       **{f"{m}_sd": statistics.stdev(v) for m, v in draws.items()},
+                       "mean_dmtg_vs_oracle": statistics.mean(draws["dmtg"]) / statistics.mean(draws["oracle"]) - 1})
+        print(spread[-1], flush=True)
+    return {"runs": rows, "spread": spread, "inits": 2 if quick else inits}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="steps,n,heads")
+    ap.add_argument("--parts", default="steps,n,heads,planted")
     args = ap.parse_args()
     torch.set_num_threads(1)
     parts = args.parts.split(",")
@@ -148,6 +183,8 @@ def main() -> None:
         result["n_ratio"] = n_ratio(args.quick)
     if "heads" in parts:
         result["live_heads"] = live_heads(args.quick)
+    if "planted" in parts:
+        result["planted"] = planted_runs(args.quick)
     OUT.mkdir(exist_ok=True)
     (OUT / "dmtg.json").write_text(json.dumps(result, indent=1))
     lines = ["# DMTG benchmarks", ""]
@@ -166,6 +203,23 @@ def main() -> None:
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['preset']} | {r['seed']} | {r['N']} | {r['K']} | {r['live_heads']} | {r['live_over_N']:.2f} | "
                   f"{r['test_loss_pruning']:.4f} | {r['test_loss_no_pruning']:.4f} |" for r in result["live_heads"]]
+        for preset in dict.fromkeys(r["preset"] for r in result["live_heads"]):
+            rs = [r for r in result["live_heads"] if r["preset"] == preset]
+            lines.append(f"| {preset} | mean of {len(rs)} | | | {statistics.mean(r['live_heads'] for r in rs):.1f} | "
+                         f"{statistics.mean(r['live_over_N'] for r in rs):.2f} | "
+                         f"{statistics.mean(r['test_loss_pruning'] for r in rs):.4f} | "
+                         f"{statistics.mean(r['test_loss_no_pruning'] for r in rs):.4f} |")
+    if "planted" in result:
+        p = result["planted"]
+        lines += ["", "## Planted preset: total test loss, seeds 0-4 (DMTG issue checks)", "",
+                  "| seed | naive MTL | single-task | oracle | DMTG | DMTG vs oracle |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {r['naive_mtl']:.4f} | {r['single_task']:.4f} | {r['oracle']:.4f} | {r['dmtg']:.4f} | "
+                  f"{r['dmtg_vs_oracle']:+.2%} |" for r in p["runs"]]
+        lines += ["", f"Initialisation luck: per data seed, the oracle and DMTG trained from {p['inits']} "
+                  "initialisations (run seeds 1000 x seed + j, same data); mean (sd).", "",
+                  "| seed | oracle mean (sd) | DMTG mean (sd) | DMTG vs oracle, means |", "|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {r['oracle_mean']:.4f} ({r['oracle_sd']:.4f}) | {r['dmtg_mean']:.4f} ({r['dmtg_sd']:.4f}) | "
+                  f"{r['mean_dmtg_vs_oracle']:+.2%} |" for r in p["spread"]]
     (OUT / "dmtg.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
