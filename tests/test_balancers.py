@@ -2,10 +2,13 @@
 
 Pins: PCGrad's projection on a hand example (Yu et al. 2020, Alg. 1); MGDA's weights against a
 SciPy QP for the min-norm point of the convex hull; GradNorm's equalised gradient norms
-(Chen et al. 2018); DWA's weights on a hand-computed history (Liu et al. 2019, Eq. 7); UW's loss
-(Kendall et al. 2018); RLW's weights; FAMO's weights (Liu et al. 2023); Auto-Lambda's meta-gradient
-sign; EW at feature level equal to plain backpropagation; identical steps after a JSON state
-round trip (the trainer stores balancer state as JSON).
+(Chen et al. 2018) and, at feature level, its update against autograd of ``sum_t w_t L_t``; the
+orthogonal-gradient penalty (Suteu & Guo 2019) on a hand example and its update against autograd
+of the regularised loss (written out here, pair by pair) at both levels; DWA's weights on a
+hand-computed history (Liu et al. 2019, Eq. 7); UW's loss (Kendall et al. 2018); RLW's weights;
+FAMO's weights (Liu et al. 2023); Auto-Lambda's meta-gradient sign; EW at feature level equal to
+plain backpropagation; identical steps after a JSON state round trip (the trainer stores balancer
+state as JSON).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
 
 from taskgrouping.balancing.base import BALANCERS, get_balancer
+from taskgrouping.balancing.jacobian import task_feature_grads
 from taskgrouping.balancing.methods import GRADIENT_METHODS
 
 torch.set_num_threads(1)
@@ -193,7 +198,109 @@ def test_gradnorm_equalises_weighted_gradient_norms():
     assert sum(gn.extra_parameters()[0].tolist()) == pytest.approx(2.0, rel=0.05)
 
 
+def test_gradnorm_at_feature_level_is_the_gradient_of_the_weighted_losses():
+    model = Tiny()
+    gn = make_balancer("gradnorm", feature_level=True)
+    opt = torch.optim.SGD(gn.extra_parameters(), lr=0.5)
+    for _ in range(3):  # move the weights away from 1
+        one_step(model, gn)
+        opt.step()
+    twin = copy.deepcopy(model)
+    logs = one_step(model, gn)
+    w = [logs[f"weight/{t}"] for t in TASKS]
+    assert max(abs(v - 1.0) for v in w) > 0.05
+    losses, feats = twin.losses()
+    want = torch.autograd.grad(sum(wt * loss for wt, loss in zip(w, losses.values())), list(twin.parameters()),
+                               retain_graph=True)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    for wt, t, loss in zip(w, TASKS, losses.values()):  # G_t = w_t ||dL_t/dZ||
+        norm = torch.linalg.vector_norm(torch.autograd.grad(loss, feats[0], retain_graph=True)[0])
+        assert logs[f"gradnorm/{t}"] == pytest.approx(wt * float(norm), rel=1e-5)
+
+
+def test_cosreg_penalty_hand_example():
+    """L_a = (theta.a)^2 / 2, L_b = (theta.b)^2 / 2: g_a = (theta.a) a, g_b = (theta.b) b, so
+    cos^2(g_a, g_b) = cos^2(a, b) = 1/2 for a = (1, 0), b = (1, 1) - constant in theta, so the
+    penalty adds nothing to the update, which is g_a + g_b."""
+    theta = nn.Parameter(torch.tensor([2.0, -3.0]))
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    losses = {"a": 0.5 * (theta @ a) ** 2, "b": 0.5 * (theta @ b) ** 2}
+    logs = get_balancer("cosreg", lam=0.7).backward(losses, [theta], None)
+    assert logs["cosreg/penalty"] == pytest.approx(0.5, rel=1e-6)
+    torch.testing.assert_close(theta.grad, (theta @ a).detach() * a + (theta @ b).detach() * b)
+
+
+def test_cosreg_closed_form_penalty_gradient_equals_autograd():
+    rows = torch.randn(5, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rows[2] = 0.0  # a task without gradient: no cosine with it, and no gradient for it
+    r = rows.clone().requires_grad_()
+    unit = r / torch.linalg.vector_norm(r, dim=1, keepdim=True).clamp_min(1e-12)
+    ref = sum((unit[i] @ unit[j]) ** 2 for i in range(5) for j in range(i + 1, 5))
+    ref.backward()
+    value, grad = get_balancer("cosreg").penalty_and_row_grads(list(rows))
+    assert value == pytest.approx(float(ref.detach()), rel=1e-12)
+    torch.testing.assert_close(grad, r.grad, rtol=1e-10, atol=1e-12)
+    assert grad[2].abs().max() == 0
+
+
+def _cosreg_reference(model: Tiny, lam: float, feature_level: bool, reduction: str) -> tuple[list, float]:
+    """Autograd of sum_t L_t + lam sum_{i<j} cos^2(g_i, g_j), the pairs written out one by one."""
+    losses, feats = model.losses()
+    xs = feats if feature_level else list(model.trunk.parameters())
+    rows = []
+    for loss in losses.values():
+        grads = torch.autograd.grad(loss, xs, create_graph=True)
+        if reduction == "batch":
+            grads = [g.sum(dim=0) for g in grads]
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    pen = sum(F.cosine_similarity(rows[i], rows[j], dim=0) ** 2
+              for i in range(len(rows)) for j in range(i + 1, len(rows)))
+    total = sum(losses.values()) + lam * pen
+    return list(torch.autograd.grad(total, list(model.parameters()))), float(pen.detach())
+
+
+@pytest.mark.parametrize("feature_level,reduction", [(False, "sample"), (True, "sample"), (True, "batch")])
+def test_cosreg_update_is_the_gradient_of_the_regularised_loss(feature_level, reduction):
+    model, twin = Tiny(), Tiny()
+    logs = one_step(model, get_balancer("cosreg", lam=2.0, feature_level=feature_level,
+                                        feature_reduction=reduction))
+    want, pen = _cosreg_reference(twin, 2.0, feature_level, reduction)
+    assert logs["cosreg/penalty"] == pytest.approx(pen, rel=1e-5)
+    plain = torch.autograd.grad(sum(twin.losses()[0].values()), list(twin.parameters()))
+    assert max(float((g - p).abs().max()) for g, p in zip(want, plain)) > 1e-3  # the penalty matters here
+    for p, g in zip(model.parameters(), want):  # float32 second-order terms, summed in another order
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
 # -- levels -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared_layer", [False, True])
+def test_task_feature_grads_equal_one_backward_per_task(shared_layer, monkeypatch):
+    """Own heads: ONE backward through them gives every task's dL_t/dZ (read at the edges into Z).
+    A layer shared by the heads mixes the tasks' gradients, so then it takes one backward per task."""
+    model = Tiny()
+    z = model.trunk(X)
+    mid = nn.Linear(10, 10)
+    heads_in = torch.tanh(mid(z)) if shared_layer else z
+    losses = [((h(heads_in).squeeze(1) - Y[:, i]) ** 2).mean() for i, h in enumerate(model.heads)]
+    params = list(model.heads.parameters()) + (list(mid.parameters()) if shared_layer else [])
+    want = [torch.autograd.grad(loss, [z] + params, retain_graph=True, allow_unused=True) for loss in losses]
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    feature_grads, heads, head_grads = task_feature_grads(losses, [z])
+    monkeypatch.undo()
+    assert len(calls) == (3 if shared_layer else 1)
+    assert sorted(id(p) for p in heads) == sorted(id(p) for p in params)
+    for t in range(len(losses)):
+        torch.testing.assert_close(feature_grads[t][0], want[t][0], rtol=0, atol=0)
+        by_id = {id(p): g for p, g in zip(params, want[t][1:])}
+        for p, got in zip(heads, head_grads[t]):
+            assert (got is None) == (by_id[id(p)] is None)
+            if got is not None:
+                torch.testing.assert_close(got, by_id[id(p)], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("options", [{}, {"feature_reduction": "batch"}, {"head_grads": "weighted"}])
 def test_feature_level_ew_equals_plain_backprop(options):
     a, b = Tiny(), Tiny()

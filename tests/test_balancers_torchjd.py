@@ -1,12 +1,19 @@
 """Our TorchJD-backed (and TorchJD-shadowing) balancers against TorchJD's aggregators called directly.
 
 TorchJD is the peer implementation: the same random Jacobian (and, for randomised methods, the
-same RNG state) must give the same update vector. The end-to-end tests also check that the
-parameter-level and feature-level machinery hands TorchJD the right Jacobian and writes its
-answer back into ``.grad`` correctly.
+same RNG state) must give the same update vector. PCGrad, GradVac and MGDA are hand-written on the
+Gramian (TorchJD's per-pair scalar loops are too slow for the feature-level surrogate); their
+weights must equal TorchJD's weightings on the same float64 Gramians to rounding, GradVac's over a
+whole trajectory of its EMA state. The end-to-end tests also check that the parameter-level and
+feature-level machinery hands TorchJD the right Jacobian and writes its answer back into ``.grad``
+correctly. CAGrad's and Nash-MTL's SciPy solvers are pinned against the problems they solve
+(CAGrad's primal, an independent SLSQP solve of its dual and the KKT conditions; Nash-MTL's
+bargaining equation).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -16,6 +23,8 @@ from torch import nn
 from torchjd import aggregation as jda
 
 from taskgrouping.balancing.base import get_balancer
+from taskgrouping.balancing.gramian_weightings import GradVacWeights, mgda_weights, pcgrad_weights
+from taskgrouping.balancing.solvers import cagrad_dual, nash_mtl_weights
 from taskgrouping.balancing.torchjd_adapter import cvxpy_available
 
 torch.set_num_threads(1)
@@ -70,6 +79,53 @@ def test_gradvac_matches_torchjd_over_a_sequence():
         torch.manual_seed(11)
         want = peer(jac)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _gramians(n: int = 12, seed: int = 10) -> list[np.ndarray]:
+    """Gramians of random Jacobians with 2..8 tasks, some with conflicting and very unequal rows."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        t = 2 + k % 7
+        jac = gen.normal(size=(t, 3 * t + 5)) * gen.uniform(0.05, 20.0, size=(t, 1))
+        if k % 2:
+            jac[1] = -0.7 * jac[0] + 0.2 * jac[1]  # a strong conflict
+        out.append(jac @ jac.T)
+    return out
+
+
+def test_pcgrad_and_mgda_weights_equal_torchjd_weightings_on_float64_gramians():
+    for k, gram in enumerate(_gramians()):
+        g64 = torch.tensor(gram)
+        torch.manual_seed(k)
+        ours = pcgrad_weights(gram)
+        torch.manual_seed(k)
+        np.testing.assert_allclose(ours, jda.PCGradWeighting()(g64).numpy(), rtol=1e-12, atol=1e-12)
+        for eps, iters in ((1e-3, 100), (1e-6, 300)):
+            np.testing.assert_allclose(mgda_weights(gram, eps, iters),
+                                       jda.MGDAWeighting(epsilon=eps, max_iters=iters)(g64).numpy(),
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_gradvac_ema_trajectory_equals_torchjd_through_a_state_round_trip():
+    """Ten steps with the same seeds; after five, our state goes through JSON into a new object."""
+    gen = np.random.default_rng(3)
+    ours, peer = GradVacWeights(beta=0.3), jda.GradVacWeighting(beta=0.3)
+    jac0 = gen.normal(size=(5, 12))
+    for step in range(10):
+        jac = jac0 + 0.8 * gen.normal(size=jac0.shape)  # correlated steps: the targets matter
+        gram = jac @ jac.T
+        torch.manual_seed(100 + step)
+        got = ours(gram)
+        torch.manual_seed(100 + step)
+        want = peer(torch.tensor(gram)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(ours.phi, peer._phi_t.numpy(), rtol=1e-10, atol=1e-12)
+        if step == 4:
+            restored = GradVacWeights(beta=0.3)
+            restored.load_state(json.loads(json.dumps(ours.state())))
+            ours = restored
+    assert np.abs(ours.phi).max() > 0.05  # the EMA targets moved away from zero, so they were exercised
 
 
 # -- end to end: the Jacobian handed to TorchJD and the gradients written back --------------------
@@ -149,6 +205,74 @@ def test_cagrad_scipy_solves_the_primal_problem():
     torch.testing.assert_close(get_balancer("cagrad", c=0.0).aggregate(jac), jac.mean(0))
     torch.testing.assert_close(get_balancer("cagrad", c=0.5, rescale=1).aggregate(jac),
                                get_balancer("cagrad", c=0.5, rescale=0).aggregate(jac) / 1.25)
+
+
+def _cagrad_dual_reference(gram: np.ndarray, c: float):
+    """CAGrad's dual (Liu et al. 2021) written out here, solved by SLSQP at a tight tolerance."""
+    g = gram / np.trace(gram)
+    t = len(g)
+    b = g @ np.full(t, 1.0 / t)
+    k = c * np.sqrt(b.mean())
+
+    def f(w):
+        return w @ b + k * np.sqrt(w @ g @ w)
+
+    res = minimize(f, np.full(t, 1.0 / t), jac=lambda w: b + k * g @ w / np.sqrt(w @ g @ w), method="SLSQP",
+                   bounds=[(0, 1)] * t, constraints=({"type": "eq", "fun": lambda w: w.sum() - 1},),
+                   options={"ftol": 1e-15, "maxiter": 1000})
+    return res.x, f, (lambda w: b + k * g @ w / np.sqrt(w @ g @ w))
+
+
+def test_cagrad_exact_dual_solve_is_the_optimum_slsqp_finds():
+    gen = np.random.default_rng(11)
+    with_zeros = 0
+    for case in range(60):
+        t = 2 + case % 8
+        jac = gen.normal(size=(t, 2 * t + 3)) * gen.uniform(0.1, 5.0, size=(t, 1))
+        if case % 3 == 0:
+            jac[1] = -0.8 * jac[0] + 0.1 * jac[1]
+        c = (0.1, 0.4, 0.8, 2.0)[case % 4]
+        gram = jac @ jac.T
+        w = cagrad_dual(gram, c)
+        ref, f, grad = _cagrad_dual_reference(gram, c)
+        assert w.min() >= 0 and w.sum() == pytest.approx(1.0, abs=1e-12)
+        assert f(w) <= f(ref) + 1e-12  # at least as good as SLSQP's optimum
+        np.testing.assert_allclose(w, ref, atol=2e-5)  # SLSQP's own accuracy on the weights
+        gw, on = grad(w), w > 0  # KKT: equal gradient on the support, no smaller one off it
+        lam = gw[on].mean()
+        np.testing.assert_allclose(gw[on], lam, rtol=0, atol=1e-8)
+        assert (gw[~on] >= lam - 1e-8).all()
+        with_zeros += int((~on).any())
+        # warm starts (the last step's solution, or another problem's) give the same answer
+        np.testing.assert_allclose(cagrad_dual(gram, c, init=w), w, atol=1e-12)
+        np.testing.assert_allclose(cagrad_dual(gram, c, init=np.roll(w, 1)), w, atol=1e-9)
+    assert with_zeros >= 15  # the active set was exercised
+
+
+def test_cagrad_slsqp_fallback_agrees_with_the_exact_solve(monkeypatch):
+    from taskgrouping.balancing import solvers
+
+    gen = np.random.default_rng(12)
+    jacs = []
+    for t in (3, 5, 8):
+        jac = gen.normal(size=(t, 20))
+        jac[1] = -0.8 * jac[0] + 0.1 * jac[1]
+        jacs.append(jac)
+    dup = gen.normal(size=(4, 9))
+    dup[3] = dup[2]  # two identical tasks: a singular Gramian, and the weights of the pair are not unique
+    jacs.append(dup)
+    exact = [cagrad_dual(j @ j.T, 0.5) for j in jacs]
+    monkeypatch.setattr(solvers, "_cagrad_active_set", lambda *args: None)
+    for jac, w in zip(jacs, exact):  # the same combined gradient J^T w
+        np.testing.assert_allclose(jac.T @ cagrad_dual(jac @ jac.T, 0.5), jac.T @ w, atol=5e-5)
+
+
+def test_nash_mtl_newton_solve_reaches_rounding_and_warm_starts_agree():
+    for gram in _gramians():
+        alpha = nash_mtl_weights(gram)
+        normed = gram / np.linalg.norm(gram)
+        np.testing.assert_allclose(normed @ alpha, 1.0 / alpha, rtol=1e-9)  # Navon et al. 2022, Eq. 2
+        np.testing.assert_allclose(nash_mtl_weights(gram, init=alpha * 1.5), alpha, rtol=1e-9)
 
 
 def test_nash_mtl_scipy_weights_are_the_bargaining_solution():

@@ -12,17 +12,16 @@ Registered names: ``ew``, ``pcgrad``, ``gradvac``, ``graddrop``, ``rgw``, ``mgda
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taskgrouping.balancing.base import Balancer, register_balancer
-from taskgrouping.balancing.jacobian import GradientBalancer, check_losses
-from taskgrouping.balancing.solvers import cagrad_weights, nash_mtl_weights
+from taskgrouping.balancing.gramian_weightings import GradVacWeights, mgda_weights, pcgrad_weights
+from taskgrouping.balancing.jacobian import GradientBalancer, check_losses, task_feature_grads
+from taskgrouping.balancing.solvers import cagrad_dual, cagrad_weights, nash_mtl_weights
 from taskgrouping.balancing.torchjd_adapter import SOLVERS_HINT, TorchJDNashMTL, TorchJDWeights, cvxpy_available
 from taskgrouping.balancing.weighting import TaskSpec, TaskVector
 
@@ -76,45 +75,95 @@ class _TorchJDGramian(GradientBalancer):
         return self._weighting(jacobian)
 
 
+def _gramian(jacobian: Tensor) -> np.ndarray:
+    """``J J^T`` in float64 on the CPU (``T x T``, whatever the level)."""
+    j = jacobian.detach().double()
+    return (j @ j.T).cpu().numpy()
+
+
+class _GramianBalancer(GradientBalancer):
+    """A method whose task weights are a function of the task Gramian ``J J^T`` (and its own state),
+    computed in float64 NumPy."""
+
+    def gramian_weights(self, gramian: np.ndarray) -> np.ndarray:
+        raise TypeError(f"balancer {self.name!r} does not define gramian_weights()")
+
+    def weights(self, jacobian: Tensor) -> Tensor:
+        w = self.gramian_weights(_gramian(jacobian))
+        return torch.as_tensor(w, dtype=jacobian.dtype, device=jacobian.device)
+
+
 @register_balancer("pcgrad")
-class PCGrad(_TorchJDGramian):
+class PCGrad(_GramianBalancer):
     """PCGrad (Yu et al. 2020, Alg. 1): each task gradient is projected onto the normal plane of
     every other task gradient it conflicts with (negative inner product), in random order; the
-    projected gradients are summed. Weights from TorchJD's ``PCGradWeighting``."""
+    projected gradients are summed.
+
+    Hand-written (:func:`~taskgrouping.balancing.gramian_weightings.pcgrad_weights`) rather than
+    TorchJD's ``PCGradWeighting``, whose loop of per-pair torch scalar operations alone costs more
+    than the feature-level surrogate's time budget; it is the same algorithm with the same random
+    draws, and tests pin it equal to TorchJD's."""
 
     name = "pcgrad"
-    torchjd_name = "pcgrad"
+
+    def gramian_weights(self, gramian: np.ndarray) -> np.ndarray:
+        return pcgrad_weights(gramian)
 
 
 @register_balancer("gradvac")
-class GradVac(_TorchJDGramian):
+class GradVac(_GramianBalancer):
     """Gradient Vaccine (Wang et al. 2021): like PCGrad but steers each pair towards an EMA target
-    cosine instead of zero (TorchJD's ``GradVacWeighting``; ``beta`` is the EMA decay). The EMA
-    is the method's state and is saved by :meth:`state_dict`."""
+    cosine instead of zero (``beta`` is the EMA decay). The EMA is the method's state and is saved
+    by :meth:`state_dict`.
+
+    Hand-written (:class:`~taskgrouping.balancing.gramian_weightings.GradVacWeights`) rather than
+    TorchJD's ``GradVacWeighting``, whose ~180 torch scalar operations per step (8 tasks) cost
+    ~8 ms, more than the feature-level surrogate's time budget; it is the same algorithm with the
+    same random draws, and tests pin its trajectory equal to TorchJD's."""
 
     name = "gradvac"
-    torchjd_name = "gradvac"
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, **kw: Any) -> None:
-        super().__init__(torchjd_options={"beta": beta, "eps": eps}, **kw)
+        super().__init__(**kw)
+        try:
+            self._weighting = GradVacWeights(beta, eps)
+        except ValueError as exc:
+            raise ValueError(f"balancer 'gradvac': {exc}") from None
+
+    def gramian_weights(self, gramian: np.ndarray) -> np.ndarray:
+        return self._weighting(gramian)
 
     def state_dict(self) -> dict[str, Any]:
         return self._weighting.state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._weighting.load_state(state)
+        try:
+            self._weighting.load_state(state)
+        except ValueError as exc:
+            raise ValueError(f"balancer 'gradvac': {exc}") from None
 
 
 @register_balancer("mgda")
-class MGDA(_TorchJDGramian):
+class MGDA(_GramianBalancer):
     """MGDA (Desideri 2012; Sener & Koltun 2018, Alg. 2): the min-norm point of the convex hull of
-    the task gradients, by TorchJD's Frank-Wolfe solver. Weights sum to one."""
+    the task gradients, by the Frank-Wolfe solver. Weights sum to one.
+
+    Hand-written (:func:`~taskgrouping.balancing.gramian_weightings.mgda_weights`) rather than
+    TorchJD's ``MGDAWeighting``, whose Frank-Wolfe loop of small torch operations costs about 1 ms
+    per step on a CPU; same iterations, and tests pin it equal to TorchJD's."""
 
     name = "mgda"
-    torchjd_name = "mgda"
 
     def __init__(self, epsilon: float = 1e-3, max_iters: int = 100, **kw: Any) -> None:
-        super().__init__(torchjd_options={"epsilon": epsilon, "max_iters": max_iters}, **kw)
+        super().__init__(**kw)
+        if epsilon <= 0:
+            raise ValueError(f"balancer {self.name!r}: epsilon must be > 0, got {epsilon}")
+        if max_iters < 1:
+            raise ValueError(f"balancer {self.name!r}: max_iters must be >= 1, got {max_iters}")
+        self.epsilon, self.max_iters = float(epsilon), int(max_iters)
+
+    def gramian_weights(self, gramian: np.ndarray) -> np.ndarray:
+        return mgda_weights(gramian, self.epsilon, self.max_iters)
 
 
 @register_balancer("mgda_ub")
@@ -221,24 +270,25 @@ class GradDrop(GradientBalancer):
     name = "graddrop"
 
     def combine(self, stat: Tensor, apply: Tensor) -> tuple[Tensor, Tensor | None]:
-        total_abs = stat.abs().sum(dim=0)
-        purity = 0.5 * (1.0 + torch.where(total_abs > 0, stat.sum(dim=0) / total_abs.clamp_min(1e-30),
-                                          torch.zeros_like(total_abs)))
+        # Where sum |g_t| = 0 every g_t is 0, so the sum is 0 too and the purity is 1/2.
+        purity = 0.5 * (1.0 + stat.sum(dim=0) / stat.abs().sum(dim=0).clamp_min(1e-30))
         u = torch.rand(purity.shape, dtype=stat.dtype, device=stat.device)
-        keep_pos = (purity > u).unsqueeze(0).unsqueeze(0)
-        keep_neg = (purity < u).unsqueeze(0).unsqueeze(0)
-        mask = (keep_pos & (apply > 0)) | (keep_neg & (apply < 0))
-        return (apply * mask).sum(dim=0), None
+        # The kept sign is drawn once per coordinate, so the sum of the kept parts is the sum of
+        # the positive (or negative) parts, taken where that sign was drawn.
+        positive = torch.where(purity > u, apply.clamp_min(0.0).sum(dim=0), 0.0)
+        negative = torch.where(purity < u, apply.clamp_max(0.0).sum(dim=0), 0.0)
+        return positive + negative, None
 
 
 @register_balancer("cagrad")
-class CAGrad(GradientBalancer):
+class CAGrad(_GramianBalancer):
     """CAGrad (Liu et al. 2021): the update within ``c * ||g0||`` of the mean gradient ``g0`` that
-    maximises the worst task's improvement. Solved on the task Gramian with SciPy by default
-    (``solver="scipy"``, :func:`~taskgrouping.balancing.solvers.cagrad_weights`); ``solver="cvxpy"``
-    uses TorchJD's ``CAGradWeighting`` (needs ``pip install taskgrouping[solvers]``).
+    maximises the worst task's improvement. Solved on the task Gramian by default
+    (``solver="scipy"``: an exact active-set solve of the dual warm-started from the last step's
+    solution, with SLSQP as the fallback, :func:`~taskgrouping.balancing.solvers.cagrad_dual`);
+    ``solver="cvxpy"`` uses TorchJD's ``CAGradWeighting`` (needs ``pip install taskgrouping[solvers]``).
     ``rescale`` divides the update by ``1 + c**2`` (1, the authors' default), ``1 + c`` (2) or
-    nothing (0, TorchJD's convention)."""
+    nothing (0, TorchJD's convention). The last dual solution is saved by :meth:`state_dict`."""
 
     name = "cagrad"
 
@@ -252,14 +302,24 @@ class CAGrad(GradientBalancer):
             raise ValueError(f"balancer 'cagrad': solver must be 'scipy' or 'cvxpy', got {solver!r}")
         self.c, self.rescale, self.solver = float(c), rescale, solver
         self._torchjd = TorchJDWeights("cagrad", c=self.c) if solver == "cvxpy" else None
+        self.dual: np.ndarray | None = None
+
+    def gramian_weights(self, gramian: np.ndarray) -> np.ndarray:
+        if self.dual is not None and self.dual.shape[0] != gramian.shape[0]:
+            raise ValueError(f"balancer 'cagrad' was set up for {self.dual.shape[0]} tasks but got {gramian.shape[0]}")
+        self.dual = cagrad_dual(gramian, self.c, init=self.dual)
+        return cagrad_weights(gramian, self.c, dual=self.dual)
 
     def weights(self, jacobian: Tensor) -> Tensor:
-        if self._torchjd is not None:
-            w = self._torchjd(jacobian)
-        else:
-            gram = (jacobian.double() @ jacobian.double().T).cpu().numpy()
-            w = torch.as_tensor(cagrad_weights(gram, self.c), dtype=jacobian.dtype, device=jacobian.device)
+        w = self._torchjd(jacobian) if self._torchjd is not None else super().weights(jacobian)
         return w / {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dual": None if self.dual is None else self.dual.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        dual = state.get("dual")
+        self.dual = None if dual is None else _tensor(dual, "dual", self.name).numpy()
 
 
 @register_balancer("nash_mtl")
@@ -267,9 +327,10 @@ class NashMTL(GradientBalancer):
     """Nash-MTL (Navon et al. 2022): weights ``alpha`` solving ``G alpha = 1/alpha`` on the
     Frobenius-normalised Gramian (the Nash bargaining solution), then the update is clipped to
     norm ``max_norm`` (0 disables) as the authors clip the shared gradients. ``solver="scipy"``
-    (default; exact, deterministic) or ``"cvxpy"`` (TorchJD's sequential cvxpy solve; needs
-    ``pip install taskgrouping[solvers]``). Weights are recomputed every ``update_weights_every``
-    steps; the last weights warm-start the next solve and are saved by :meth:`state_dict`."""
+    (default; exact Newton solve, deterministic) or ``"cvxpy"`` (TorchJD's sequential cvxpy solve;
+    needs ``pip install taskgrouping[solvers]``). Weights are recomputed every
+    ``update_weights_every`` steps; the last weights warm-start the next solve and are saved by
+    :meth:`state_dict`."""
 
     name = "nash_mtl"
 
@@ -294,8 +355,7 @@ class NashMTL(GradientBalancer):
             if self._torchjd is None:
                 self._torchjd = TorchJDNashMTL(jacobian.shape[0])
             return self._torchjd(jacobian).double().cpu().numpy()
-        gram = (jacobian.double() @ jacobian.double().T).cpu().numpy()
-        return nash_mtl_weights(gram, init=self.alpha)
+        return nash_mtl_weights(_gramian(jacobian), init=self.alpha)
 
     def weights(self, jacobian: Tensor) -> Tensor:
         t = jacobian.shape[0]
@@ -326,9 +386,17 @@ class CosReg(Balancer):
     ``sum_t L_t + lam * sum_{i<j} cos^2(g_i, g_j)``, where ``g_t`` is task ``t``'s gradient w.r.t.
     the shared parameters (or, with ``feature_level=True``, w.r.t. the shared features, flattened
     whole or summed over the batch per ``feature_reduction``). The penalty is differentiated
-    through the gradients (double backward), which at parameter level costs about two extra
-    backward passes per task; the feature-level variant only differentiates through the heads and
-    then makes one backward through the trunk."""
+    through the gradients (double backward).
+
+    Cost: backward passes that keep their graph (``create_graph``) give each ``g_t`` - one per
+    task at parameter level; at feature level ONE pass through the heads when each task has its
+    own (:func:`~taskgrouping.balancing.jacobian.task_feature_grads`). ``dP/dg`` has a closed form
+    (:meth:`penalty_and_row_grads`), and then ONE backward, seeded with ``1`` at ``sum_t L_t`` and
+    with ``lam dP/dg_t`` at each ``g_t``, gives the whole update: the network's backward nodes are
+    shared by the first-order part and the penalty's. At parameter level the penalty's part is T
+    Hessian-vector products through the trunk, so the step costs well over T x EW (see
+    benchmarks/results/balancers.md); the feature-level variant only goes twice through the heads.
+    """
 
     name = "cosreg"
     needs_grads = True
@@ -346,23 +414,37 @@ class CosReg(Balancer):
         self.feature_reduction = feature_reduction
         self._last_penalty = 0.0
 
-    def penalty(self, losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
-        """``sum_{i<j} cos^2(g_i, g_j)`` with the gradients w.r.t. ``inputs`` (graph kept)."""
-        rows = []
-        for loss in losses:
-            grads = torch.autograd.grad(loss, inputs, retain_graph=True, create_graph=True, allow_unused=True) \
-                if loss.requires_grad else [None] * len(inputs)
-            parts = []
-            for x, g in zip(inputs, grads):
-                g = torch.zeros_like(x) if g is None else g
-                if self.feature_level and self.feature_reduction == "batch" and g.ndim > 0:
-                    g = g.sum(dim=0)
-                parts.append(g.reshape(-1))
-            rows.append(torch.cat(parts))
-        unit = F.normalize(torch.stack(rows), dim=1, eps=self.eps)
-        cos = unit @ unit.T
-        return sum((cos[i, j] ** 2 for i, j in itertools.combinations(range(len(rows)), 2)),
-                   torch.zeros((), device=cos.device))
+    def _row(self, inputs: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tensor:
+        parts = []
+        for x, g in zip(inputs, grads):
+            g = torch.zeros_like(x) if g is None else g
+            if self.feature_level and self.feature_reduction == "batch" and g.ndim > 0:
+                g = g.sum(dim=0)
+            parts.append(g.reshape(-1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def penalty_and_row_grads(self, rows: Sequence[Tensor], scale: float = 1.0) -> tuple[float, Tensor]:
+        """The penalty ``P = sum_{i<j} cos^2(r_i, r_j)`` and ``scale * dP/dR`` for the stacked task
+        gradients ``R`` (T x D), in closed form.
+
+        With ``n_i = max(|r_i|, eps)``, ``C = R R^T / n n^T``, ``A_ij = C_ij / (n_i n_j)`` off the
+        diagonal (0 on it) and ``s_i = sum_{j != i} C_ij^2``: ``dP/dR = 2 (A - diag(s / n^2)) R``
+        (the ``diag`` term only where ``|r_i| > eps``, as the clamped norm is constant below).
+        Written out because autograd would record and replay a handful of ``T x D`` operations
+        for it on every step.
+        """
+        with torch.no_grad():
+            jac = torch.stack([r.detach() for r in rows])
+            gram = (jac @ jac.T).double().cpu().numpy()  # the T x T part in float64 NumPy
+        raw = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+        norms = np.maximum(raw, self.eps)
+        outer = np.outer(norms, norms)
+        cos = gram / outer
+        np.fill_diagonal(cos, 0.0)
+        sq = cos * cos
+        shrink = np.where(raw > self.eps, sq.sum(axis=1) / norms ** 2, 0.0)
+        mix = (2.0 * scale) * (cos / outer - np.diag(shrink))
+        return 0.5 * float(sq.sum()), torch.as_tensor(mix, dtype=jac.dtype, device=jac.device) @ jac
 
     def backward(self, losses, shared_params, features=None):
         names, loss_list = check_losses(losses, self.name)
@@ -376,9 +458,27 @@ class CosReg(Balancer):
             if not inputs:
                 raise ValueError("balancer 'cosreg' needs per-task gradients w.r.t. the shared parameters, but "
                                  "shared_params is empty; pass the trunk's parameters or use feature_level=True")
-        pen = self.penalty(loss_list, inputs) if len(loss_list) > 1 else torch.zeros((), device=loss_list[0].device)
-        self._last_penalty = float(pen.detach())
-        (torch.stack(loss_list).sum() + self.lam * pen).backward()
+        if len(loss_list) < 2:
+            self._last_penalty = 0.0
+            loss_list[0].backward()
+            return {"cosreg/penalty": 0.0}
+        if self.feature_level:  # one backward through the heads when each task has its own head
+            in_grads = task_feature_grads(loss_list, inputs, create_graph=True, with_heads=False)[0]
+        else:
+            in_grads = [torch.autograd.grad(loss, inputs, retain_graph=True, create_graph=True, allow_unused=True)
+                        if loss.requires_grad else [None] * len(inputs) for loss in loss_list]
+        rows = [self._row(inputs, grads) for grads in in_grads]
+        self._last_penalty, row_grads = self.penalty_and_row_grads(rows, scale=self.lam)
+        # One backward: sum_t L_t (first order) and, through the graphs that made the rows, lam dP/dR.
+        live = [loss for loss in loss_list if loss.requires_grad]
+        roots = [torch.stack(live).sum()] if live else []
+        seeds = [torch.ones_like(roots[0])] if live else []
+        for row, g in zip(rows, row_grads):
+            if row.requires_grad and self.lam > 0:
+                roots.append(row)
+                seeds.append(g)
+        if roots:
+            torch.autograd.backward(roots, grad_tensors=seeds)
         return {"cosreg/penalty": self._last_penalty}
 
 

@@ -10,9 +10,12 @@ shared parameters' ``.grad``.
 
 **Feature level** (``feature_level=True``; the fast gradient surrogate of Mao et al. 2024, and the
 upper-bound trick of Sener & Koltun 2018, Sec. 3.3). Row ``t`` is ``dL_t/dZ`` for the shared
-features ``Z`` the heads read (one list entry per branch of a ``BranchedModel``). Each per-task
-backward stops at ``Z``, so it crosses only the heads; the aggregated feature gradient then goes
-through the trunk in ONE backward. Two choices are open and exposed as options:
+features ``Z`` the heads read (one list entry per branch of a ``BranchedModel``). The per-task
+gradients stop at ``Z``, so they cross only the heads - and when every task has its own head, ONE
+backward of ``sum_t L_t`` through the heads gives all of them, each task's ``dL_t/dZ`` read off
+its edges into ``Z`` (:func:`task_feature_grads`; otherwise one backward per task). The
+aggregated feature gradient then goes through the trunk in ONE backward, so the step costs about
+an EW step plus the aggregation. Two choices are open and exposed as options:
 
 * ``feature_reduction="sample"`` (default): rows are the whole ``B x D`` feature gradient,
   flattened - the true Jacobian of the losses w.r.t. the batch's features, as in MGDA-UB; the
@@ -29,7 +32,7 @@ the shared parameters or features) get, by default, the plain sum of their tasks
 method weights that sum to one (MGDA, CAGrad) would otherwise shrink the heads' learning rate.
 ``head_grads="weighted"`` gives them ``sum_t w_t dL_t/dphi`` with the method's task weights
 instead (methods without task weights, e.g. GradDrop, fall back to unweighted). Both come from
-the per-task backward passes already made, at no extra cost.
+the backward passes already made, at no extra cost.
 
 Gradients accumulate into ``.grad`` like ``loss.backward()`` does.
 """
@@ -71,10 +74,111 @@ def graph_leaves(roots: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> list[T
     return list(found.values())
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
+def _task_taps(losses: Sequence[Tensor], feats: Sequence[Tensor]):
+    """Walk each loss's graph down to the features; ``None`` unless the walks are disjoint.
+
+    Returns, per task, the *taps* ``(node, edge index, feature index)`` - the edges from the task's
+    nodes into a feature - and the leaves reached (with their task). Disjoint means no node above
+    the features is reached by two tasks (one head per task, no shared head parameter); then a
+    backward of ``sum_t L_t`` carries, on task ``t``'s taps, exactly ``dL_t/dZ``.
+    """
+    stops: dict = {}
+    for k, f in enumerate(feats):
+        if f.grad_fn is None:
+            return None
+        stops.setdefault(f.grad_fn, {})[f.output_nr] = k
+    owner: dict = {}
+    taps: list[list[tuple]] = [[] for _ in losses]
+    leaves: list[tuple[Tensor, int]] = []
+    for t, loss in enumerate(losses):
+        if not loss.requires_grad:
+            continue
+        if loss.grad_fn is None or loss.grad_fn in stops:
+            return None
+        todo = [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node in owner:
+                if owner[node] != t:
+                    return None
+                continue
+            owner[node] = t
+            var = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+            if var is not None:
+                leaves.append((var, t))
+            for i, (nxt, idx) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                outputs = stops.get(nxt)
+                if outputs is None:
+                    todo.append(nxt)
+                elif idx in outputs:
+                    taps[t].append((node, i, outputs[idx]))
+                else:
+                    return None  # another output of the node that makes a feature
+    return taps, leaves
+
+
+def task_feature_grads(losses: Sequence[Tensor], feats: Sequence[Tensor], create_graph: bool = False,
+                       with_heads: bool = True,
+                       ) -> tuple[list[list[Tensor | None]], list[Tensor], list[list[Tensor | None]]]:
+    """Per-task gradients w.r.t. the shared features and the task-specific leaves (the heads).
+
+    Returns ``(feature_grads, heads, head_grads)``: ``feature_grads[t][k] = dL_t/dZ_k``, the
+    leaves the losses reach without passing through the features, and ``head_grads[t][j] =
+    dL_t/dphi_j`` (``None`` where unused). When the heads' graphs are disjoint (each task's own
+    head, see :func:`_task_taps`) ONE backward of ``sum_t L_t`` through the heads gives all of
+    them: each task's feature gradient is read off its edges into the features by node hooks.
+    Otherwise it takes one backward per task. The graph is kept (the trunk's backward comes next);
+    ``create_graph`` also records the graph of the returned gradients (for double backward).
+    ``with_heads=False`` skips the heads' gradients (``heads`` and ``head_grads`` come back empty).
+    """
+    feats = list(feats)
+    found = _task_taps(losses, feats)
+    if found is None:
+        heads = graph_leaves(losses, stop=feats) if with_heads else []
+        inputs = feats + heads
+        feature_grads, head_grads = [], []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True, create_graph=create_graph,
+                                        allow_unused=True) if loss.requires_grad else [None] * len(inputs)
+            feature_grads.append(list(grads[:len(feats)]))
+            head_grads.append(list(grads[len(feats):]))
+        return feature_grads, heads, head_grads
+    taps, leaves = found
+    leaves = leaves if with_heads else []
+    heads = [leaf for leaf, _ in leaves]
+    feature_grads: list[list[Tensor | None]] = [[None] * len(feats) for _ in losses]
+
+    def tap(t: int, i: int, k: int):
+        def hook(grad_inputs, grad_outputs):
+            g = grad_inputs[i]
+            if g is not None:
+                feature_grads[t][k] = g if feature_grads[t][k] is None else feature_grads[t][k] + g
+        return hook
+
+    live = [loss for loss in losses if loss.requires_grad]
+    grads: Sequence[Tensor | None] = [None] * (len(feats) + len(heads))
+    handles = [node.register_hook(tap(t, i, k)) for t, task in enumerate(taps) for node, i, k in task]
+    try:
+        if live:
+            grads = torch.autograd.grad(torch.stack(live).sum(), feats + heads, retain_graph=True,
+                                        create_graph=create_graph, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    head_grads: list[list[Tensor | None]] = [[None] * len(heads) for _ in losses]
+    for j, (g, (_, t)) in enumerate(zip(grads[len(feats):], leaves)):
+        head_grads[t][j] = g
+    return feature_grads, heads, head_grads
+
+
+def accumulate_grad(param: Tensor, grad: Tensor, owned: bool = False) -> None:
+    """Add ``grad`` to ``param.grad``; ``owned``: ``grad`` is a fresh tensor nobody else holds, so
+    it may become ``param.grad`` without a copy."""
     grad = grad.to(param.dtype)
     if param.grad is None:
-        param.grad = grad.clone()
+        param.grad = grad if owned else grad.clone()
     else:
         param.grad += grad
 
@@ -170,13 +274,19 @@ class GradientBalancer(Balancer):
 
     def _write_heads(self, heads: list[Tensor], per_task: list[Sequence[Tensor | None]], coef: list[float]) -> None:
         for j, p in enumerate(heads):
-            total = None
+            total, owned = None, False
             for t, grads in enumerate(per_task):
                 g = grads[j]
-                if g is not None:
-                    total = g * coef[t] if total is None else total + g * coef[t]
+                if g is None:
+                    continue
+                if coef[t] != 1.0:
+                    g, owned = g * coef[t], True
+                if total is None:
+                    total = g
+                else:
+                    total, owned = total + g, True
             if total is not None:
-                _accumulate(p, total)
+                accumulate_grad(p, total, owned)
 
     def _backward_params(self, losses: list[Tensor], shared_params: Sequence[Tensor]) -> Tensor | None:
         shared = [p for p in (shared_params or []) if p.requires_grad]
@@ -208,7 +318,7 @@ class GradientBalancer(Balancer):
         for p, hit in zip(shared, reached):
             n = p.numel()
             if hit:
-                _accumulate(p, direction[offset:offset + n].view_as(p))
+                accumulate_grad(p, direction[offset:offset + n].view_as(p))
             offset += n
         self._write_heads(heads, head_grads, self._head_coefficients(len(losses), w))
         return w
@@ -229,20 +339,12 @@ class GradientBalancer(Balancer):
             if lead == 0 or any(f.ndim == 0 or f.shape[0] != lead for f in feats):
                 raise ValueError(f"balancer {self.name!r}: feature_reduction='batch' needs every feature to have "
                                  f"the same batch size; got shapes {[tuple(f.shape) for f in feats]}")
-        heads = graph_leaves(losses, stop=feats)
-        inputs = feats + heads
-        rows: list[Tensor] = []
-        head_grads: list[Sequence[Tensor | None]] = []
-        for loss in losses:
-            if not loss.requires_grad:
-                grads: Sequence[Tensor | None] = [None] * len(inputs)
-            else:
-                grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-            flat = [(torch.zeros_like(f) if g is None else g).reshape(lead, -1).float()
-                    for f, g in zip(feats, grads[:len(feats)])]
-            rows.append(torch.cat(flat, dim=1))
-            head_grads.append(grads[len(feats):])
-        jac = torch.stack(rows)  # T x lead x D
+        feature_grads, heads, head_grads = task_feature_grads(losses, feats)
+        rows = []
+        for grads in feature_grads:
+            flat = [(torch.zeros_like(f) if g is None else g).reshape(lead, -1) for f, g in zip(feats, grads)]
+            rows.append(flat[0] if len(flat) == 1 else torch.cat(flat, dim=1))
+        jac = torch.stack(rows).float()  # T x lead x D
         stat = jac[:, 0] if lead == 1 else jac.sum(dim=1)
         combined, w = self.combine(stat, jac)
         grads_out, offset = [], 0
@@ -255,4 +357,5 @@ class GradientBalancer(Balancer):
         return w
 
 
-__all__ = ["GradientBalancer", "graph_leaves", "check_losses", "FeatureReduction", "HeadGrads"]
+__all__ = ["GradientBalancer", "graph_leaves", "task_feature_grads", "check_losses", "accumulate_grad", "FeatureReduction",
+           "HeadGrads"]

@@ -5,9 +5,11 @@
 * loss weighting (:mod:`~taskgrouping.balancing.weighting`): ``uw``, ``dwa``, ``rlw``, ``famo``,
   ``gradnorm``, ``auto_lambda``;
 * gradient surgery / aggregation (:mod:`~taskgrouping.balancing.gradient`, built on
-  :mod:`~taskgrouping.balancing.jacobian`): ``ew``, ``pcgrad``, ``gradvac``, ``graddrop``, ``rgw``,
-  ``mgda``, ``mgda_ub``, ``cagrad``, ``nash_mtl``, ``aligned_mtl``, ``aligned_mtl_ub``, ``imtl``,
-  ``cosreg``.
+  :mod:`~taskgrouping.balancing.jacobian`; task weights from
+  :mod:`~taskgrouping.balancing.gramian_weightings`, :mod:`~taskgrouping.balancing.solvers` and
+  :mod:`~taskgrouping.balancing.torchjd_adapter`): ``ew``, ``pcgrad``, ``gradvac``, ``graddrop``,
+  ``rgw``, ``mgda``, ``mgda_ub``, ``cagrad``, ``nash_mtl``, ``aligned_mtl``, ``aligned_mtl_ub``,
+  ``imtl``, ``cosreg``.
 
 Every gradient method takes ``feature_level=True`` for the fast feature-level surrogate.
 """

@@ -6,6 +6,13 @@ are *Gramian weightings*: a vector of task weights ``w`` computed from ``G = J J
 feature-level ones (where the weights computed from one statistic are applied to another, see
 :mod:`taskgrouping.balancing.jacobian`). Everything else in the package sees plain tensors.
 
+Used from TorchJD: IMTL-G, Aligned-MTL and the random weighting (RGW), and CAGrad / Nash-MTL with
+``solver="cvxpy"``. PCGrad, GradVac and MGDA are computed by
+:mod:`taskgrouping.balancing.gramian_weightings` instead: TorchJD's versions loop over torch
+scalar operations, which on a CPU costs more per step than the feature-level surrogate's whole time
+budget; ours are the same algorithms (tests pin them equal to TorchJD's, see
+:func:`torchjd_aggregator`).
+
 TorchJD's CAGrad and Nash-MTL need cvxpy (and its clarabel / ecos solvers), which we keep as the
 optional ``solvers`` extra; asking for them without it raises an ``ImportError`` that says what to
 install. Our default for those two methods is a SciPy solver (:mod:`taskgrouping.balancing.solvers`).
@@ -23,11 +30,8 @@ SOLVERS_HINT = "pip install taskgrouping[solvers]"
 
 #: Our method name -> factory of the TorchJD weighting it uses.
 _GRAMIAN_WEIGHTINGS: dict[str, Callable[..., Any]] = {
-    "pcgrad": jda.PCGradWeighting,
-    "mgda": jda.MGDAWeighting,
     "imtl_g": jda.IMTLGWeighting,
     "aligned_mtl": jda.AlignedMTLWeighting,
-    "gradvac": jda.GradVacWeighting,
     "cagrad": jda.CAGradWeighting,
 }
 #: Weightings that read the Jacobian itself rather than its Gramian.
@@ -59,12 +63,11 @@ def _build(table: dict[str, Callable[..., Any]], name: str, options: dict[str, A
 
 
 class TorchJDWeights:
-    """Task weights from a TorchJD weighting: ``TorchJDWeights("pcgrad")(J) -> w`` (one per row).
+    """Task weights from a TorchJD weighting: ``TorchJDWeights("imtl_g")(J) -> w`` (one per row).
 
     Args:
-        name: one of ``pcgrad``, ``mgda``, ``imtl_g``, ``aligned_mtl``, ``gradvac``, ``cagrad``
-            (Gramian weightings) or ``random``.
-        options: passed to the TorchJD weighting (e.g. ``c`` for CAGrad, ``beta`` for GradVac).
+        name: one of ``imtl_g``, ``aligned_mtl``, ``cagrad`` (Gramian weightings) or ``random``.
+        options: passed to the TorchJD weighting (e.g. ``c`` for CAGrad).
     """
 
     def __init__(self, name: str, **options: Any) -> None:
@@ -77,28 +80,11 @@ class TorchJDWeights:
             stat = jacobian @ jacobian.T if self.from_gramian else jacobian
             return self.weighting(stat)
 
-    # -- state of the stateful weightings (GradVac's EMA of target cosines) ---------------------
-    def state(self) -> dict[str, Any]:
-        phi = getattr(self.weighting, "_phi_t", None)
-        return {"phi": None if phi is None else phi.tolist()} if self.name == "gradvac" else {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        if self.name != "gradvac":
-            return
-        phi = state.get("phi")
-        if phi is None:
-            self.weighting.reset()
-            return
-        phi_t = torch.as_tensor(phi, dtype=torch.float32)
-        if phi_t.ndim != 2 or phi_t.shape[0] != phi_t.shape[1]:
-            raise ValueError(f"GradVac state 'phi' must be a square matrix, got shape {tuple(phi_t.shape)}")
-        # GradVac keeps its EMA keyed by (number of tasks, dtype); restoring both keeps the key valid.
-        self.weighting._phi_t = phi_t
-        self.weighting._state_key = (phi_t.shape[0], phi_t.dtype)
-
 
 def torchjd_aggregator(name: str, **options: Any) -> Callable[[Tensor], Tensor]:
-    """TorchJD's own aggregator (J -> update vector), for cross-checking our balancers."""
+    """TorchJD's own aggregator (J -> update vector), for cross-checking our balancers (``pcgrad``,
+    ``mgda``, ``imtl_g``, ``aligned_mtl``, ``gradvac``, ``cagrad``, ``random``, ``graddrop``,
+    ``nash_mtl``; options are passed on)."""
     return _build(_AGGREGATORS, name, options)
 
 

@@ -315,35 +315,35 @@ class FAMO(LossWeighting):
 
 
 @register_balancer("gradnorm")
-class GradNorm(Balancer):
+class GradNorm(GradientBalancer):
     """GradNorm (Chen et al. 2018, Eq. 1-2 and Alg. 1). Learnable weights ``w`` (start at 1, trained
     by the main optimiser, renormalised to sum to ``T`` before each use) are pushed so that each
     weighted gradient norm ``G_t = w_t ||dL_t/dW||`` approaches ``mean(G) * r_t**alpha``, where
     ``r_t`` is the task's loss ratio ``L_t / L_t(0)`` relative to the mean ratio. ``W`` is the last
     shared layer: the last tensor with >= 2 dimensions in ``shared_params`` (parameters listed in
-    module order), or, with ``feature_level=True``, the shared features (for several branches, use
-    the features). Since ``G_t`` is linear in ``w_t``, ``d|G_t - target_t| / dw_t =
+    module order), or, with ``feature_level=True``, the shared features (for several branches, all
+    of them). Since ``G_t`` is linear in ``w_t``, ``d|G_t - target_t| / dw_t =
     sign(G_t - target_t) ||dL_t/dW||`` with the target held constant, as in the paper; the model
-    gets the gradient of ``sum_t w_t L_t``."""
+    gets the gradient of ``sum_t w_t L_t``.
+
+    At feature level the per-task feature gradients needed for the norms are the rows of the
+    feature Jacobian, so the update is assembled by the fast-surrogate machinery of
+    :class:`~taskgrouping.balancing.jacobian.GradientBalancer` (trunk: one backward of
+    ``sum_t w_t dL_t/dZ``; heads: ``w_t dL_t/dphi``), which equals the gradient of
+    ``sum_t w_t L_t`` without a second backward through the heads."""
 
     name = "gradnorm"
-    needs_grads = True
 
     def __init__(self, tasks: TaskSpec = None, alpha: float = 1.5, feature_level: bool = False) -> None:
+        super().__init__(feature_level=feature_level, feature_reduction="sample", head_grads="weighted")
         self.alpha = float(alpha)
-        self.feature_level = bool(feature_level)
-        self.uses_features = self.feature_level
-        self.weights = TaskVector(self.name, tasks, 1.0)
+        self.task_weights = TaskVector(self.name, tasks, 1.0)
         self.initial_losses: dict[str, float] = {}
         self.last_norms = torch.zeros(0)
+        self._current: Tensor | None = None
+        self._norms: Tensor | None = None
 
-    def _layer(self, shared_params: Sequence[Tensor], features: Sequence[Tensor] | None) -> list[Tensor]:
-        if self.feature_level:
-            feats = [f for f in (features or []) if isinstance(f, Tensor) and f.requires_grad]
-            if not feats:
-                raise ValueError("balancer 'gradnorm' with feature_level=True needs the shared features (in the "
-                                 "autograd graph); pass them or use feature_level=False")
-            return feats
+    def _last_layer(self, shared_params: Sequence[Tensor]) -> list[Tensor]:
         mats = [p for p in (shared_params or []) if p.requires_grad and p.ndim >= 2]
         if not mats:
             raise ValueError("balancer 'gradnorm' needs the shared parameters (to take gradient norms at the last "
@@ -351,50 +351,61 @@ class GradNorm(Balancer):
                              "feature_level=True")
         return [mats[-1]]
 
+    def weights(self, jacobian: Tensor) -> Tensor:
+        """Feature level: ``jacobian``'s rows are the per-task feature gradients; keeps their norms."""
+        if self._current is None:
+            raise TypeError("balancer 'gradnorm' sets its weights in backward(); it has no weights of a bare Jacobian")
+        self._norms = torch.linalg.vector_norm(jacobian.detach().float(), dim=1)
+        return self._current.to(device=jacobian.device, dtype=jacobian.dtype)
+
     def backward(self, losses, shared_params, features=None):
         names, loss_list = check_losses(losses, self.name)
-        layer = self._layer(shared_params, features)
-        self.weights.values(names, loss_list[0].device)  # creates / places the weights
-        param = self.weights.param
+        device = loss_list[0].device
+        self.task_weights.values(names, device)  # creates / places the weights
+        param = self.task_weights.param
         with torch.no_grad():  # renormalise after the optimiser's last step (paper: sum_t w_t = T)
             param.clamp_(min=1e-6)
             param.mul_(param.numel() / param.sum())
-        w = self.weights.values(names, loss_list[0].device)
-        norms = []
-        for loss in loss_list:
-            grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True) \
-                if loss.requires_grad else [None] * len(layer)
-            sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=loss.device))
-            norms.append(sq.sqrt())
-        norms_t = torch.stack(norms)
+        w_now = self.task_weights.values(names, device).detach()
+        if self.feature_level:
+            self._current = w_now
+            self._backward_features(loss_list, features)
+            norms_t = self._norms.to(device)
+        else:
+            layer = self._last_layer(shared_params)
+            norms = []
+            for loss in loss_list:
+                grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True) \
+                    if loss.requires_grad else [None] * len(layer)
+                sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=device))
+                norms.append(sq.sqrt())
+            norms_t = torch.stack(norms)
+            (w_now * torch.stack(loss_list)).sum().backward()
         stacked = torch.stack([loss.detach() for loss in loss_list])
         for n, v in zip(names, stacked.tolist()):
             self.initial_losses.setdefault(n, v)
         ratio = stacked / torch.tensor([self.initial_losses[n] if self.initial_losses[n] != 0 else 1.0 for n in names],
                                        device=stacked.device)
         rel = ratio / ratio.mean().clamp_min(1e-12)
-        w_now = w.detach()
         g = w_now * norms_t
         target = g.mean() * rel.pow(self.alpha)
         grad_w = torch.sign(g - target) * norms_t
-        order = self.weights.order(names)
         full = torch.zeros_like(param)
-        full[order] = grad_w.to(full)
+        full[self.task_weights.order(names)] = grad_w.to(full)
         param.grad = full if param.grad is None else param.grad + full
-        (w_now * torch.stack(loss_list)).sum().backward()
         self.last_norms = g
         logs = {f"weight/{n}": float(v) for n, v in zip(names, w_now.tolist())}
         logs.update({f"gradnorm/{n}": float(v) for n, v in zip(names, g.tolist())})
         return logs
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        return [self.weights.parameter()]
+        return [self.task_weights.parameter()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.state(), "initial_losses": dict(self.initial_losses)}
+        return {"weights": self.task_weights.state(), "initial_losses": dict(self.initial_losses)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights.load(state.get("weights"), "weights")
+        self.task_weights.load(state.get("weights"), "weights")
         self.initial_losses = {str(k): float(v) for k, v in state.get("initial_losses", {}).items()}
 
 
