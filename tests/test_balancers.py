@@ -301,6 +301,23 @@ def test_task_feature_grads_equal_one_backward_per_task(shared_layer, monkeypatc
                 torch.testing.assert_close(got, by_id[id(p)], rtol=0, atol=0)
 
 
+def test_task_feature_grads_with_a_feature_computed_from_another():
+    """Z2 = tanh(Z1): dL/dZ1 includes the path through Z2, which a one-pass read at the edges into the
+    features would miss; feature_taps declines and the per-task passes give the true gradients."""
+    model = Tiny()
+    z1 = model.trunk(X)
+    z2 = torch.tanh(z1)
+    losses = [((h(z1 if i == 0 else z2).squeeze(1) - Y[:, i]) ** 2).mean() for i, h in enumerate(model.heads)]
+    want = [torch.autograd.grad(loss, [z1, z2], retain_graph=True, allow_unused=True) for loss in losses]
+    feature_grads, _, _ = task_feature_grads(losses, [z1, z2])
+    for t in range(len(losses)):
+        for k in range(2):
+            if want[t][k] is None:
+                assert feature_grads[t][k] is None
+            else:
+                torch.testing.assert_close(feature_grads[t][k], want[t][k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("options", [{}, {"feature_reduction": "batch"}, {"head_grads": "weighted"}])
 def test_feature_level_ew_equals_plain_backprop(options):
     a, b = Tiny(), Tiny()

@@ -43,7 +43,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.graph import get_gradient_edge
+
+from taskgrouping.balancing.jacobian import feature_taps
 
 MEASURES: tuple[str, ...] = ("gds", "gms", "fd")
 _LABELS = {
@@ -118,76 +119,30 @@ def _task_gradients_into(out: Tensor, losses: Mapping[str, Tensor], inputs: list
     return out
 
 
-def _reaches_another(nodes: Sequence[Any], edges: Mapping[tuple[Any, int], int]) -> bool:
-    """Whether the reverse graph above ``nodes`` (the features' nodes) holds an edge into a feature,
-    i.e. one feature is computed from another."""
-    seen = set(nodes)
-    stack = list(nodes)
-    while stack:
-        for edge in stack.pop().next_functions:
-            if edge[0] is None:
-                continue
-            if edge in edges:
-                return True
-            if edge[0] not in seen:
-                seen.add(edge[0])
-                stack.append(edge[0])
-    return False
-
-
 def _feature_gradients_one_pass(out: Tensor, losses: Mapping[str, Tensor], features: list[Tensor]) -> bool:
     """Fill ``out`` ([T, N]) with dL_i/d(features) from ONE reverse pass of the summed losses, when
     that is exact; else return False (without touching ``out``, unless the graph turns out to be
     freed) and leave the rows to one pass per task.
 
     It is exact when every task reaches the features only through its own part of the graph (its
-    head): the reverse pass of sum_i L_i then runs each part once, with seed 1, and what task i's
-    part sends along its edges into the features is exactly dL_i/dZ. A hook on each node that feeds
-    the features records that share before the engine adds the tasks together. The graph is
-    checked first: a node between the losses and the features that two losses reach, or a feature
-    computed from another feature (its gradient would include paths through the other), makes it
-    inexact. Same numbers as one pass per task (bit for bit when a task feeds each feature through
-    one node), without the T - 1 extra engine runs.
+    head; checked by :func:`taskgrouping.balancing.jacobian.feature_taps`): the reverse pass of
+    sum_i L_i then runs each part once, with seed 1, and what task i's part sends along its edges
+    into the features is exactly dL_i/dZ. A hook on each node that feeds the features records that
+    share before the engine adds the tasks together. Same numbers as one pass per task (bit for bit
+    when a task feeds each feature through one node), without the T - 1 extra engine runs.
     """
-    # Graph nodes are keyed by their Python objects, which stay unique while these dicts hold them.
-    edges: dict[tuple[Any, int], int] = {}
-    offsets = [0]
-    for k, z in enumerate(features):
-        edge = get_gradient_edge(z)
-        edges[(edge.node, edge.output_nr)] = k
-        offsets.append(offsets[-1] + z.numel())
-    feature_nodes = {node for node, _ in edges}
-    if len(edges) < len(features) or (len(features) > 1 and _reaches_another(list(feature_nodes), edges)):
+    loss_list = list(losses.values())
+    found = feature_taps(loss_list, features)
+    if found is None:
         return False
-    owner: dict[Any, int] = {}  # graph node -> the task whose loss reaches it
+    offsets = [0]
+    for z in features:
+        offsets.append(offsets[-1] + z.numel())
     taps: dict[Any, list[tuple[int, int, int]]] = {}  # node feeding a feature -> [(input slot, task, feature)]
-    live = []
-    for i, loss in enumerate(losses.values()):
-        root = loss.grad_fn
-        if root is None:
-            continue
-        if root in feature_nodes:
-            return False
-        reaches = False
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            if node in owner:
-                if owner[node] != i:
-                    return False
-                continue
-            owner[node] = i
-            for slot, edge in enumerate(node.next_functions):
-                if edge[0] is None:
-                    continue
-                k = edges.get(edge)
-                if k is None:
-                    stack.append(edge[0])
-                else:
-                    taps.setdefault(node, []).append((slot, i, k))
-                    reaches = True
-        if reaches:
-            live.append(loss if loss.dim() == 0 else loss.reshape(()))
+    for i, task_taps in enumerate(found[0]):
+        for node, slot, k in task_taps:
+            taps.setdefault(node, []).append((slot, i, k))
+    live = [loss.reshape(()) for loss, task_taps in zip(loss_list, found[0]) if task_taps]
     out.zero_()
     if not live:
         return True

@@ -39,10 +39,11 @@ Gradients accumulate into ``.grad`` like ``loss.backward()`` does.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from taskgrouping.balancing.base import Balancer
 
@@ -74,26 +75,53 @@ def graph_leaves(roots: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> list[T
     return list(found.values())
 
 
-def _task_taps(losses: Sequence[Tensor], feats: Sequence[Tensor]):
-    """Walk each loss's graph down to the features; ``None`` unless the walks are disjoint.
+def _reaches_another(nodes: Sequence[Any], edges: Mapping[tuple[Any, int], int]) -> bool:
+    """Whether the reverse graph below the features' ``nodes`` holds an edge into a feature, i.e.
+    one feature is computed from another."""
+    seen = set(nodes)
+    stack = list(nodes)
+    while stack:
+        for edge in stack.pop().next_functions:
+            if edge[0] is None:
+                continue
+            if edge in edges:
+                return True
+            if edge[0] not in seen:
+                seen.add(edge[0])
+                stack.append(edge[0])
+    return False
 
-    Returns, per task, the *taps* ``(node, edge index, feature index)`` - the edges from the task's
-    nodes into a feature - and the leaves reached (with their task). Disjoint means no node above
-    the features is reached by two tasks (one head per task, no shared head parameter); then a
-    backward of ``sum_t L_t`` carries, on task ``t``'s taps, exactly ``dL_t/dZ``.
+
+def feature_taps(losses: Sequence[Tensor], feats: Sequence[Tensor]
+                 ) -> tuple[list[list[tuple[Any, int, int]]], list[tuple[Tensor, int]]] | None:
+    """Where each task's graph enters the features, when one reverse pass can separate the tasks.
+
+    Walks each loss's graph down to the features. Returns, per task, its *taps* ``(node, input
+    slot, feature index)`` - the edges from the task's nodes into a feature - and the leaves the
+    losses reach above the features (with their task), or ``None`` when the walks are not disjoint:
+    a node above the features reached by two tasks (a shared head layer or parameter), a loss that
+    is itself a feature, two features on one graph edge, or a feature computed from another (its
+    gradient would include the path through the other). When disjoint, a reverse pass of
+    ``sum_t L_t`` carries exactly ``dL_t/dZ_k`` on task ``t``'s taps into feature ``k``: the trick
+    behind one-pass per-task feature gradients (here and in :mod:`taskgrouping.diagnostics`).
+    Losses without a graph have no taps. Features may be leaves (their AccumulateGrad edge).
     """
-    stops: dict = {}
-    for k, f in enumerate(feats):
-        if f.grad_fn is None:
+    edges: dict[tuple[Any, int], int] = {}
+    for k, z in enumerate(feats):
+        edge = get_gradient_edge(z)
+        if (edge.node, edge.output_nr) in edges:
             return None
-        stops.setdefault(f.grad_fn, {})[f.output_nr] = k
-    owner: dict = {}
-    taps: list[list[tuple]] = [[] for _ in losses]
+        edges[(edge.node, edge.output_nr)] = k
+    nodes = {node for node, _ in edges}
+    if len(feats) > 1 and _reaches_another(list(nodes), edges):
+        return None
+    owner: dict[Any, int] = {}
+    taps: list[list[tuple[Any, int, int]]] = [[] for _ in losses]
     leaves: list[tuple[Tensor, int]] = []
     for t, loss in enumerate(losses):
-        if not loss.requires_grad:
+        if loss.grad_fn is None:
             continue
-        if loss.grad_fn is None or loss.grad_fn in stops:
+        if loss.grad_fn in nodes:
             return None
         todo = [loss.grad_fn]
         while todo:
@@ -106,16 +134,16 @@ def _task_taps(losses: Sequence[Tensor], feats: Sequence[Tensor]):
             var = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
             if var is not None:
                 leaves.append((var, t))
-            for i, (nxt, idx) in enumerate(node.next_functions):
-                if nxt is None:
+            for slot, edge in enumerate(node.next_functions):
+                if edge[0] is None:
                     continue
-                outputs = stops.get(nxt)
-                if outputs is None:
-                    todo.append(nxt)
-                elif idx in outputs:
-                    taps[t].append((node, i, outputs[idx]))
+                k = edges.get(edge)
+                if k is not None:
+                    taps[t].append((node, slot, k))
+                elif edge[0] in nodes:
+                    return None  # another output of a node that makes a feature
                 else:
-                    return None  # another output of the node that makes a feature
+                    todo.append(edge[0])
     return taps, leaves
 
 
@@ -127,14 +155,14 @@ def task_feature_grads(losses: Sequence[Tensor], feats: Sequence[Tensor], create
     Returns ``(feature_grads, heads, head_grads)``: ``feature_grads[t][k] = dL_t/dZ_k``, the
     leaves the losses reach without passing through the features, and ``head_grads[t][j] =
     dL_t/dphi_j`` (``None`` where unused). When the heads' graphs are disjoint (each task's own
-    head, see :func:`_task_taps`) ONE backward of ``sum_t L_t`` through the heads gives all of
+    head, see :func:`feature_taps`) ONE backward of ``sum_t L_t`` through the heads gives all of
     them: each task's feature gradient is read off its edges into the features by node hooks.
     Otherwise it takes one backward per task. The graph is kept (the trunk's backward comes next);
     ``create_graph`` also records the graph of the returned gradients (for double backward).
     ``with_heads=False`` skips the heads' gradients (``heads`` and ``head_grads`` come back empty).
     """
     feats = list(feats)
-    found = _task_taps(losses, feats)
+    found = feature_taps(losses, feats)
     if found is None:
         heads = graph_leaves(losses, stop=feats) if with_heads else []
         inputs = feats + heads
@@ -357,5 +385,5 @@ class GradientBalancer(Balancer):
         return w
 
 
-__all__ = ["GradientBalancer", "graph_leaves", "task_feature_grads", "check_losses", "accumulate_grad", "FeatureReduction",
+__all__ = ["GradientBalancer", "graph_leaves", "feature_taps", "task_feature_grads", "check_losses", "accumulate_grad", "FeatureReduction",
            "HeadGrads"]
