@@ -4,6 +4,7 @@ the MTG-Net authors committed (grouping-data/mtg_net/collected_gain)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -190,14 +191,33 @@ def test_meta_learner_only_sees_tasks_in_the_combination():
     torch.manual_seed(0)
     model = MetaLearner(6, dim=8, layers=2).eval()
     masks = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    out = model(masks)
+    out = model(masks)[0]
     assert torch.all(out[~masks] == 0)
     with torch.no_grad():  # changing an absent task's embedding cannot change the prediction
-        model.embedding[4] += 5.0
-    assert torch.allclose(model(masks[:1]), out[:1])
-    assert not torch.allclose(model(masks[1:]), out[1:])
+        model.embedding[:, 4] += 5.0
+    assert torch.allclose(model(masks[:1])[0], out[:1])
+    assert not torch.allclose(model(masks[1:])[0], out[1:])
     with pytest.raises(ValueError, match="at least one task"):
         model(torch.zeros(1, 6, dtype=torch.bool))
+
+
+def test_meta_learner_ensemble_members_are_independent_learners():
+    """The batched ensemble: member m computes what a one-member learner with m's weights computes,
+    and training the ensemble on the sum of the members' losses trains each member as if alone."""
+    masks = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1], [1, 0, 1, 0, 1]], dtype=bool)
+    gains = np.where(masks, np.arange(15, dtype=np.float32).reshape(3, 5) / 10 - 0.7, 0.0)
+    cfg = MTGNetConfig(dim=8, layers=2, epochs=5, ensemble=3)
+    ensemble = fit_meta_learner(masks, gains, cfg, seed=11)
+    torch.manual_seed(11)
+    start = MetaLearner(5, dim=8, layers=2, members=3)  # the initialisation fit_meta_learner draws
+    for m in range(3):
+        single = MetaLearner(5, dim=8, layers=2, members=1)
+        with torch.no_grad():
+            for p_single, p_start in zip(single.parameters(), start.parameters()):
+                p_single.copy_(p_start[m:m + 1])
+        alone = fit_meta_learner(masks, gains, replace(cfg, ensemble=1), model=single, seed=0)
+        np.testing.assert_allclose(predict_gains(alone, masks), predict_gains(ensemble, masks, per_member=True)[m],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_meta_learner_fits_measured_table(ett):
@@ -306,38 +326,42 @@ def test_pipeline_argument_errors(taskonomy):
 # ------------------------------------------------------------------ acceptance: measured-best partition
 
 
-def test_search_guided_pick_targets_best_partition_when_predictions_are_exact(taskonomy):
-    """With a perfect meta-learner (scores = measured gains), the search-guided pick is a group of the
-    brute-force best partition, and training the picks it asks for finds that partition."""
-    from taskgrouping.grouping.mtgnet import _search_guided_pick
+def test_challenger_pick_trains_best_then_runner_up_partition_when_predictions_are_exact(taskonomy):
+    """With a perfect meta-learner (optimistic totals = measured totals), the challenger acquisition
+    first trains the untrained groups of the brute-force best partition, then - that partition now
+    verified - a group of the runner-up partition (the strongest alternative), not a random one."""
+    from taskgrouping.grouping.mtgnet import _challenger_pick
 
     n = taskonomy.n_tasks
     for k in (2, 3):
         _, best = brute_force_best(taskonomy, k)
+        runner_up = {frozenset(g) for g in (("d", "n", "k"), ("s", "e"))}  # 0.451, vs 0.484 for the best
         sampled = [m for m in taskonomy.masks if m.sum() in (1, n)]
-        pool = np.array([i for i, m in enumerate(taskonomy.masks) if m.sum() not in (1, n)])
+        pool = np.array([m for m in taskonomy.masks if m.sum() not in (1, n)])
+        totals = taskonomy.gains_of_masks(pool).sum(axis=1)
         available = np.ones(len(pool), dtype=bool)
         picked = []
-        while True:
-            j = _search_guided_pick(list(taskonomy.tasks), taskonomy.masks, pool, available,
-                                    taskonomy.gains[pool], sampled, [taskonomy.gains_of_masks(m[None])[0] for m in sampled], k)
-            if j < 0:
-                break
+        for _ in range(3):
+            j = _challenger_pick(n, sampled, [taskonomy.gains_of_masks(m[None])[0] for m in sampled], pool,
+                                 available, totals, k)
             available[j] = False
-            sampled.append(taskonomy.masks[pool[j]])
-            picked.append(frozenset(t for t, m in zip(taskonomy.tasks, taskonomy.masks[pool[j]]) if m))
-        assert set(picked) == {g for g in best if len(g) > 1}
+            sampled.append(pool[j])
+            picked.append(frozenset(t for t, m in zip(taskonomy.tasks, pool[j]) if m))
+        assert set(picked[:2]) == {g for g in best if len(g) > 1}
+        assert picked[2] in runner_up
 
 
 @pytest.mark.parametrize("name", ["taskonomy", "ett"])
 def test_default_pipeline_finds_measured_best_partition_in_most_seeds(request, name):
     """Oracle mode with default settings and the paper's budget (singles + all-task set + N(N-1)/2
-    acquisitions: 16 of 31 Taskonomy combinations, 29 of 127 ETTm1 ones), K = 2, seeds 0-4: the
-    chosen partition is the brute-force measured best in a majority of seeds (a regression guard on
-    the rate, not a guarantee: over seeds 0-9 the rate is 4/10 on Taskonomy and 6/10 on ETTm1, see
-    benchmarks/results/mtgnet.md). The K = 3 optimum is the same partition on both tables."""
+    acquisitions: 16 of 31 Taskonomy combinations, 29 of 127 ETTm1 ones), K = 2 and 3, seeds 0-4:
+    the chosen partition is the brute-force measured best in at least 4 of 5 seeds per K (a
+    regression guard on the rate, not a guarantee: over seeds 0-39 it is about 85 % on Taskonomy
+    and 100 % on ETTm1, see benchmarks/results/mtgnet.md). The K = 3 optimum is the K = 2 one on
+    both tables."""
     table = request.getfixturevalue(name)
     _, best = brute_force_best(table, 2)
     assert brute_force_best(table, 3)[1] == best
-    hits = [as_sets(mtgnet_search(None, table, 2, config=MTGNetConfig(seed=s)).groups) == best for s in range(5)]
-    assert sum(hits) >= 3, hits
+    for k in (2, 3):
+        hits = [as_sets(mtgnet_search(None, table, k, config=MTGNetConfig(seed=s)).groups) == best for s in range(5)]
+        assert sum(hits) >= 4, (k, hits)
