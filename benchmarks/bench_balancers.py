@@ -5,8 +5,10 @@ feature vector) shared by 8 binary tasks (MultiMNIST-like: random 1x36x36 inputs
 random linear teachers), one branch, SGD, torch on one thread. ``small``: 16/32 channels, 64
 features, batch 128, every balancer at both levels. ``wide``: 32/64 channels, 128 features, batch
 256, feature level only (parameter level would take minutes here) - it shows how the fixed
-per-step cost of the aggregators shrinks relative to a larger step. A step is zero_grad + forward
-+ per-task losses + ``balancer.backward`` + optimiser step.
+per-step cost of the aggregators shrinks relative to a larger step. ``cosreg_hvp1`` /
+``cosreg_hvp2``: CosReg at parameter level with ``hvp_tasks=1`` / ``2`` (the second-order term of
+1 or 2 sampled tasks per step, an unbiased estimate of the exact update). A step is zero_grad +
+forward + per-task losses + ``balancer.backward`` + optimiser step.
 
 In one process, blocks of steps run *interleaved* with blocks of the reference (EW at parameter
 level): each round runs ``EW, v1, EW, v2, ..., vn, EW``, the variant order rotating every round,
@@ -51,6 +53,8 @@ PARAM_TARGET = float(N_TASKS)
 NAMES = [f"t{i}" for i in range(N_TASKS)]
 ALWAYS_FEATURE = {"mgda_ub", "aligned_mtl_ub"}
 NEEDS_TASKS = {"uw", "gradnorm", "imtl"}
+#: Parameter-level-only rows: a registered balancer with options, listed after the balancer's own rows.
+OPTION_VARIANTS = {"cosreg_hvp1": ("cosreg", {"hvp_tasks": 1}), "cosreg_hvp2": ("cosreg", {"hvp_tasks": 2})}
 
 
 def variants(levels: tuple[str, ...], only: set[str] | None = None) -> list[tuple[str, str]]:
@@ -62,13 +66,16 @@ def variants(levels: tuple[str, ...], only: set[str] | None = None) -> list[tupl
             out.append((name, "param"))
         if "feature" in levels:
             out.append((name, "feature"))
+        if "param" in levels:
+            out += [(row, "param") for row, (base, _) in OPTION_VARIANTS.items() if base == name]
     if "param" in levels:
         out += [(name, "param") for name in LOSS_WEIGHTING_METHODS]
     return [out[0]] + [v for v in out[1:] if only is None or v[0] in only]
 
 
 def make_balancer(name: str, level: str):
-    options: dict = {}
+    name, options = OPTION_VARIANTS.get(name, (name, {}))
+    options = dict(options)
     if name in NEEDS_TASKS:
         options["tasks"] = NAMES
     if name in GRADIENT_METHODS and name not in ALWAYS_FEATURE:
@@ -150,7 +157,8 @@ def measure(setup_name: str, rounds: int, steps: int, tasks: list[Task], levels:
     rows = []
     for name, level in keys:
         q1, cpu, q3 = _quartiles(ratios[(name, level)]["cpu"])
-        target = FEATURE_TARGET if level == "feature" else (PARAM_TARGET if name in GRADIENT_METHODS else None)
+        gradient = name in GRADIENT_METHODS or name in OPTION_VARIANTS
+        target = FEATURE_TARGET if level == "feature" else (PARAM_TARGET if gradient else None)
         rows.append({"setup": setup_name, "balancer": name, "level": level, "ratio_cpu": round(cpu, 3),
                      "ratio_cpu_iqr": [round(q1, 3), round(q3, 3)],
                      "ratio_wall": round(statistics.median(ratios[(name, level)]["wall"]), 3),
@@ -175,7 +183,7 @@ def main() -> None:
     levels = tuple(lv.strip() for lv in args.levels.split(",") if lv.strip())
     if not levels or set(levels) - {"param", "feature"}:
         parser.error(f"--levels must be a comma-separated subset of param, feature; got {args.levels!r}")
-    known = set(GRADIENT_METHODS) | set(LOSS_WEIGHTING_METHODS) | ALWAYS_FEATURE
+    known = set(GRADIENT_METHODS) | set(LOSS_WEIGHTING_METHODS) | ALWAYS_FEATURE | set(OPTION_VARIANTS)
     only = {b.strip().lower() for b in args.balancers.split(",") if b.strip()} or None
     if only and only - known:
         parser.error(f"unknown balancers {sorted(only - known)}; expected some of {sorted(known)}")
