@@ -8,11 +8,13 @@
    how much of DMTG - oracle is initialisation luck: for each data seed, the oracle and DMTG are
    trained from several initialisations (run seeds 1000 * data seed + j, same data) and their
    means compared.
+5. Other configurations (unequal planted groups, K = 4, MultiMNIST): naive MTL / single-task / oracle /
+   DMTG, seeds 0-2.
 
 Timings are medians over interleaved rounds in one process (the machine is shared and noisy), one
 CPU thread. Writes benchmarks/results/dmtg.json and dmtg.md.
 
-    python benchmarks/bench_dmtg.py [--quick] [--parts steps,n,heads,planted]
+    python benchmarks/bench_dmtg.py [--quick] [--parts steps,n,heads,planted,configs] [--options JSON --tag NAME]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from taskgrouping.tasks import Task
 from taskgrouping.trainer import TaskLossObjective, TrainConfig, make_optimizer
 
 OUT = Path(__file__).resolve().parent / "results"
+DMTG_OPTIONS: dict = {}  # --options: DMTG options for the quality parts (heads, planted, configs)
 
 
 def _step_fn(model, objective, x, y):
@@ -125,7 +128,7 @@ def live_heads(quick: bool) -> list[dict]:
         for pruning in (True, False):
             ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
                                 model=cfg["model"], balancer=cfg["balancer"],
-                                options={"head_pruning": pruning}, name="dmtg")
+                                options={**DMTG_OPTIONS, "head_pruning": pruning}, name="dmtg")
             r = methods["dmtg"](ctx)
             out[pruning] = (r.extra["live_heads_final"], sum(m["loss"] for m in r.per_task.values()))
         N = len(data.tasks)
@@ -150,7 +153,8 @@ def planted_runs(quick: bool, inits: int = 6) -> dict:
 
         def run(name: str, run_seed: int, cache: dict) -> float:
             ctx = MethodContext(data=data, seed=run_seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
-                                model=cfg["model"], balancer=cfg["balancer"], options={}, name=name, cache=cache)
+                                model=cfg["model"], balancer=cfg["balancer"],
+                                options=DMTG_OPTIONS if name == "dmtg" else {}, name=name, cache=cache)
             return _total(methods[name](ctx))
 
         cache: dict = {}
@@ -167,16 +171,57 @@ def planted_runs(quick: bool, inits: int = 6) -> dict:
     return {"runs": rows, "spread": spread, "inits": 2 if quick else inits}
 
 
+CONFIGS = {  # beyond the preset: unequal planted groups, more groups, and real data with a known grouping
+    "planted, groups 5+3+2, K=3": ("planted", ["data.n_tasks=10", "data.group_sizes=[5,3,2]"]),
+    "planted, groups 3+3+3+3, K=4": ("planted", ["data.n_tasks=12", "data.group_sizes=[3,3,3,3]", "K=4"]),
+    "multimnist, K=2": ("multimnist", []),
+}
+
+
+def config_runs(quick: bool) -> list[dict]:
+    """Total test loss (and error where the tasks have one) of naive MTL / single-task / oracle / DMTG on
+    configurations other than the planted preset, seeds 0-2."""
+    methods = available_methods()
+    rows = []
+    for name, (preset, extra) in CONFIGS.items():
+        for seed in ((0,) if quick else (0, 1, 2)):
+            cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false", *extra])
+            data = prepare_data(cfg)
+            row: dict = {"config": name, "seed": seed}
+            for m in ("naive_mtl", "single_task", "oracle", "dmtg"):
+                ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
+                                    model=cfg["model"], balancer=cfg["balancer"],
+                                    options=DMTG_OPTIONS if m == "dmtg" else {}, name=m, cache={})
+                r = methods[m](ctx)
+                row[m] = _total(r)
+                if all("error" in v for v in r.per_task.values()):
+                    row[f"{m}_error"] = float(sum(v["error"] for v in r.per_task.values()))
+                if m == "dmtg":
+                    row["dmtg_found_oracle"] = sorted(map(sorted, r.grouping.groups)) == sorted(
+                        map(sorted, data.groups))
+            row["dmtg_vs_oracle"] = row["dmtg"] / row["oracle"] - 1
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="steps,n,heads,planted")
+    ap.add_argument("--parts", default="steps,n,heads,planted,configs")
+    ap.add_argument("--options", default="{}", help="DMTG options (JSON) for the quality parts, e.g. "
+                    "'{\"warmup_noise\": false}'; results then go to dmtg_<--tag>.json/.md")
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
     parts = args.parts.split(",")
-    previous = OUT / "dmtg.json"  # a partial run keeps the other parts' last results
+    DMTG_OPTIONS.update(json.loads(args.options))
+    if DMTG_OPTIONS and not args.tag:
+        ap.error("--options needs a --tag, so that the default results are not overwritten")
+    stem = f"dmtg_{args.tag}" if args.tag else "dmtg"
+    previous = OUT / f"{stem}.json"  # a partial run keeps the other parts' last results
     result = json.loads(previous.read_text()) if previous.is_file() else {}
-    result.update(threads=1, torch=torch.__version__)
+    result.update(threads=1, torch=torch.__version__, dmtg_options=DMTG_OPTIONS)
     if "steps" in parts:
         result["step_ratio"] = step_ratio(args.quick)
     if "n" in parts:
@@ -185,9 +230,11 @@ def main() -> None:
         result["live_heads"] = live_heads(args.quick)
     if "planted" in parts:
         result["planted"] = planted_runs(args.quick)
+    if "configs" in parts:
+        result["configs"] = config_runs(args.quick)
     OUT.mkdir(exist_ok=True)
-    (OUT / "dmtg.json").write_text(json.dumps(result, indent=1))
-    lines = ["# DMTG benchmarks", ""]
+    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    lines = ["# DMTG benchmarks", "", f"DMTG options beyond the default recipe: {json.dumps(DMTG_OPTIONS)}", ""]
     if "step_ratio" in result:
         lines += ["## Step time: DMTG / (K x naive MTL)  (target <= 1.05 without shared blocks)", "",
                   "| setting | shared blocks | K | naive ms | DMTG ms | ratio |", "|---|---|---|---|---|---|"]
@@ -220,7 +267,17 @@ def main() -> None:
                   "| seed | oracle mean (sd) | DMTG mean (sd) | DMTG vs oracle, means |", "|---|---|---|---|"]
         lines += [f"| {r['seed']} | {r['oracle_mean']:.4f} ({r['oracle_sd']:.4f}) | {r['dmtg_mean']:.4f} ({r['dmtg_sd']:.4f}) | "
                   f"{r['mean_dmtg_vs_oracle']:+.2%} |" for r in p["spread"]]
-    (OUT / "dmtg.md").write_text("\n".join(lines) + "\n")
+    if "configs" in result:
+        lines += ["", "## Other configurations: total test loss (error), seeds 0-2", "",
+                  "| configuration | seed | naive MTL | single-task | oracle | DMTG | DMTG vs oracle | DMTG found it |",
+                  "|---|---|---|---|---|---|---|---|"]
+
+        def cell(r: dict, m: str) -> str:
+            return f"{r[m]:.4f}" + (f" ({r[m + '_error']:.4f})" if m + "_error" in r else "")
+        lines += [f"| {r['config']} | {r['seed']} | {cell(r, 'naive_mtl')} | {cell(r, 'single_task')} | "
+                  f"{cell(r, 'oracle')} | {cell(r, 'dmtg')} | {r['dmtg_vs_oracle']:+.2%} | "
+                  f"{'yes' if r['dmtg_found_oracle'] else 'no'} |" for r in result["configs"]]
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

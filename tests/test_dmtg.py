@@ -43,6 +43,29 @@ def test_loss_is_gumbel_weighted_sum_of_head_losses():
         assert out.losses[t].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_warmup_without_noise_weighs_head_losses_by_softmax_then_samples():
+    """While S is held fixed (warm-up), ``warmup_noise=False`` weighs head (k, i)'s loss by softmax(S/tau)
+    (no Gumbel draw: nothing about S is being learnt yet, and a draw puts about twice the softmax mass on
+    other groups' heads: benchmarks/results/dmtg_warmup_noise_false.md); after the warm-up the Gumbel
+    sample returns."""
+    data = _data()
+    model = _model(data, s=torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]))
+    obj = DMTGObjective(data.tasks, resolve_options({"warmup_noise": False, "s_warmup_epochs": 2, "tau": 0.5}))
+    x, y = data.train[list(range(16))]
+    preds, _ = model.forward_heads(x)
+    w = torch.softmax(model.S / 0.5, dim=1)
+    obj.on_epoch_start(1, model)
+    assert not model.S.requires_grad
+    out = obj(model, x, y)
+    for i, t in enumerate(data.task_names):
+        expected = sum(w[i, k] * data.task(t).loss(preds[(k, t)], y[t]) for k in range(2))
+        assert out.losses[t].item() == pytest.approx(expected.item(), rel=1e-6)
+    obj.on_epoch_start(2, model)
+    assert model.S.requires_grad
+    first, second = (obj(model, x, y).losses[data.task_names[0]].item() for _ in range(2))
+    assert first != second  # a fresh Gumbel draw per step
+
+
 def test_pruned_model_equals_selected_heads_and_reloads(tmp_path):
     data = _data()
     model = _model(data, K=3, s=torch.tensor([[2.0, 0, 0], [2.0, 0, 0], [0, 0, 3.0], [0, 0, 1.0]]))
