@@ -167,6 +167,7 @@ def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
     (5, {}, "1 <= K <= number of tasks"), (0, {}, "1 <= K"), (2, {"tau": 0}, "dmtg.tau must be > 0"),
     (2, {"tau": -1.0}, "dmtg.tau"), (2, {"init": "prior", "prior": [[0.0, 1.0]] * 3}, "N x K = 4 x 2"),
     (2, {"recipe": "magic"}, "dmtg.recipe"), (2, {"bogus": 1}, "unknown dmtg option"),
+    (2, {"warmup_noise": "no"}, "dmtg.warmup_noise must be true or false"),
 ])
 def test_bad_options(K, options, msg):
     with pytest.raises(ValueError, match=msg):

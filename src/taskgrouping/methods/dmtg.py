@@ -22,7 +22,7 @@ pruned model (N heads) is the result: no retraining. Beyond the paper:
   the evidence for this recipe is in the DMTG issue's closing note. ``warmup_noise=False`` weighs
   the head losses by softmax(S / tau) instead of a Gumbel draw while S is held fixed: a draw puts
   about twice the softmax mass on other groups' heads, which costs ~0.1 % of test loss on the planted
-  data (independent group features) but helps on MultiMNIST (both digits share features), so it is an
+  data (independent group features) but helps on MultiMNIST (plausibly: both digits share features), so it is an
   option, not the default (benchmarks/results/dmtg_warmup_noise_false.md). ``recipe=paper`` keeps the
   paper's text, ``recipe=paper_code`` the authors' released configs.
 """
@@ -90,6 +90,8 @@ def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"dmtg.init must be auto | uniform | noisy | prior | affinity | labels, got {out['init']!r}")
     if out["grad_scaling"] not in ("none", "intended", "authors_code"):
         raise ValueError(f"dmtg.grad_scaling must be none | intended | authors_code, got {out['grad_scaling']!r}")
+    if not isinstance(out["warmup_noise"], bool):
+        raise ValueError(f"dmtg.warmup_noise must be true or false, got {out['warmup_noise']!r}")
     if int(out["samples"]) < 1:
         raise ValueError(f"dmtg.samples must be >= 1, got {out['samples']!r}")
     if not 0 <= float(out["prune_threshold"]) < 1:
