@@ -356,7 +356,7 @@ def test_default_pipeline_finds_measured_best_partition_in_most_seeds(request, n
     """Oracle mode with default settings and the paper's budget (singles + all-task set + N(N-1)/2
     acquisitions: 16 of 31 Taskonomy combinations, 29 of 127 ETTm1 ones), K = 2 and 3, seeds 0-4:
     the chosen partition is the brute-force measured best in at least 4 of 5 seeds per K (a
-    regression guard on the rate, not a guarantee: over seeds 0-39 it is about 90 % on Taskonomy
+    regression guard on the rate, not a guarantee: over seeds 0-39 it is about 95 % on Taskonomy
     and 100 % on ETTm1, see benchmarks/results/mtgnet.md). The K = 3 optimum is the K = 2 one on
     both tables."""
     table = request.getfixturevalue(name)

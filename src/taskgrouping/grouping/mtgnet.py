@@ -586,23 +586,6 @@ def _initial_design(config: MTGNetConfig, n_tasks: int, budget: int) -> str:
     return config.initial
 
 
-def _guide_schedule(guide_k: int, n_tasks: int, pick: int, budget: int) -> int:
-    """Most groups the challenger acquisition plans for at acquisition ``pick``: coarse to fine,
-    equal shares of the budget for at most 2, 3, ..., ``guide_k`` groups.
-
-    A partition into more groups is assembled from more (and smaller) unmeasured groups, and the
-    family of such partitions is much larger (7 tasks: 63 partitions into 2 groups, 301 into 3), so
-    the best optimistic value over it is inflated the most by prediction error (the winner's curse);
-    planning for ``<= guide_k`` groups from the start would spend the budget on many-group
-    partitions even when the best one has fewer groups (ETTm1-7 at K = 3). Each stratum gets its
-    own share instead.
-    """
-    top = min(guide_k, n_tasks)
-    if top <= 2:
-        return top
-    return 2 + pick * (top - 1) // max(budget, 1)
-
-
 def _challenger_pick(n_tasks: int, sampled_masks: Sequence[np.ndarray], sampled_gains: Sequence[np.ndarray],
                      pool_masks: np.ndarray, available: np.ndarray, optimistic: np.ndarray, k: int) -> int:
     """Index into ``pool_masks`` of the untrained group to train next, or -1 when none fits a partition.
@@ -644,9 +627,9 @@ def active_sampling(tasks: Sequence[str], evaluate: Evaluate, candidates: np.nda
     * ``"search"`` (our addition; default for ``N <= SEARCH_GUIDED_MAX_TASKS``): train the untrained
       group of the best *unverified* partition (:func:`_challenger_pick`), valued with measured
       gains where trained and optimistic predictions elsewhere (ensemble mean + ``ucb_beta`` x
-      ensemble standard deviation of the group's total gain), planning for at most 2, ...,
-      ``config.guide_k`` groups in turn (:func:`_guide_schedule`). This is optimism in the face of
-      uncertainty over partitions, as in combinatorial UCB (Chen et al., ICML 2013), and, like
+      ensemble standard deviation of the group's total gain), for partitions into at most
+      ``config.guide_k`` groups. This is optimism in the face of uncertainty over partitions, as
+      in combinatorial UCB (Chen et al., ICML 2013), and, like
       LUCB's challenger (Kalyanakrishnan et al., ICML 2012), it keeps testing the strongest
       alternative to the best partition already trained rather than stopping once that partition
       is verified. Falls back to the paper's rule when no untrained candidate fits a partition.
@@ -714,8 +697,8 @@ def active_sampling(tasks: Sequence[str], evaluate: Evaluate, candidates: np.nda
             for _ in range(min(config.picks_per_round, budget - len(picks), len(pool))):
                 j = -1
                 if acquisition == "search":
-                    k = _guide_schedule(config.guide_k or n, n, len(picks), budget)
-                    j = _challenger_pick(n, sampled_masks, sampled_gains, pool_masks, available, optimistic, k)
+                    j = _challenger_pick(n, sampled_masks, sampled_gains, pool_masks, available, optimistic,
+                                         min(config.guide_k or n, n))
                 if j >= 0:
                     c = int(np.flatnonzero(pool_masks[j])[0])
                 else:
