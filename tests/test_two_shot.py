@@ -209,3 +209,7 @@ def test_bad_options_are_named():
         hoa(_ctx("hoa", {"backend": "threads", "half_size": False}))
     with pytest.raises(ValueError, match="mtg_net.rounds"):
         taskgrouping.methods.mtg_net.mtg_net(_ctx("mtg_net", {"rounds": -1}))
+    with pytest.raises(ValueError, match="mtg_net.acquisition must be auto, active, search or random, got 'greedy'"):
+        taskgrouping.methods.mtg_net.mtg_net(_ctx("mtg_net", {"acquisition": "greedy"}))
+    with pytest.raises(ValueError, match="mtg_net.initial must be auto, paper or leave_one_out"):
+        taskgrouping.methods.mtg_net.mtg_net(_ctx("mtg_net", {"initial": "all"}))

@@ -25,7 +25,10 @@ on Task Combinations", as an end-to-end method ``mtg_net``.
 ``rounds``: the paper uses N(N-1)/2 (``rounds: paper``), which makes the gain collection cost as
 many trainings as Standley's pair networks. The default ``rounds: n_tasks`` (N rounds, one actively
 chosen combination per task on top of the N + 1 initial ones, 2N + 1 trainings in all) keeps
-CPU runs affordable; an integer sets the count directly.
+CPU runs affordable; an integer sets the count directly. ``acquisition`` (``auto``: the challenger
+rule for N <= 10, else the paper's; ``active``: the paper's per-task rule; ``search``; ``random``) and
+``initial`` (``auto`` | ``paper`` | ``leave_one_out``) pick the sampling loop's rules (see
+:class:`~taskgrouping.grouping.mtgnet.MTGNetConfig`).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _rounds(ctx: MethodContext, n: int) -> int:
 
 
 @register_method("mtg_net", dict(FANOUT_OPTIONS, rounds="n_tasks", overlap=False, reuse=True, meta_epochs=20,
-                                 gain_source="hybrid"))
+                                 gain_source="hybrid", acquisition="auto", initial="auto"))
 def mtg_net(ctx: MethodContext) -> MethodResult:
     """Gains of sampled task combinations measured by training them, a meta-learner fit on them,
     at most K groups searched on its predictions, the groups trained."""
@@ -67,6 +70,14 @@ def mtg_net(ctx: MethodContext) -> MethodResult:
     meta_epochs = ctx.option("meta_epochs", 20)
     if isinstance(meta_epochs, bool) or not isinstance(meta_epochs, int) or meta_epochs < 1:
         raise ValueError(f"mtg_net.meta_epochs must be a positive integer, got {meta_epochs!r}")
+
+    acquisition, initial = ctx.option("acquisition", "auto"), ctx.option("initial", "auto")
+    if acquisition not in ("auto", "active", "search", "random"):
+        raise ValueError(f"mtg_net.acquisition must be auto, active, search or random, got {acquisition!r}")
+    if initial not in ("auto", "paper", "leave_one_out"):
+        raise ValueError(f"mtg_net.initial must be auto, paper or leave_one_out, got {initial!r}")
+    config = MTGNetConfig(rounds=rounds, seed=ctx.seed, threads=None, epochs=meta_epochs, acquisition=acquisition,
+                          initial=initial)
 
     trained: dict[frozenset[str], TrainedNetwork] = {}
 
@@ -85,7 +96,6 @@ def mtg_net(ctx: MethodContext) -> MethodResult:
         losses = trained[frozenset(combo)].result.loss("val")
         return {t: relative_gain(single[t], losses[t], t) for t in combo}
 
-    config = MTGNetConfig(rounds=rounds, seed=ctx.seed, threads=None, epochs=meta_epochs)
     grouping = mtgnet_search(tasks, evaluate, ctx.K, config=config, overlap=overlap,
                              gain_source=ctx.option("gain_source", "hybrid"))
     sampled = list(trained.values())
