@@ -10,7 +10,8 @@ Writes ``benchmarks/results/mtgnet.json`` and ``benchmarks/results/mtgnet.md``.
   budget of N(N-1)/2 acquisitions; how often the measured-best partition is found over seeds 0-39,
   for the defaults and with the paper's initial design or acquisition rule instead.
 
-Usage: ``python benchmarks/bench_mtgnet.py [--quick]`` (``--quick``: MIMIC with one seed and no one-pick schedule, seeds 0-9 on the small tables).
+Usage: ``python benchmarks/bench_mtgnet.py [--quick]`` (``--quick``: MIMIC with one seed and no one-pick
+schedule, seeds 0-9 on the small tables).
 """
 
 from __future__ import annotations

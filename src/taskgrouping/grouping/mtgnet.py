@@ -660,23 +660,23 @@ def active_sampling(tasks: Sequence[str], evaluate: Evaluate, candidates: np.nda
     model: MetaLearner | None = None
     retrain = 0
     acquisition = _acquisition(config, n)
+
+    def train(mask: np.ndarray, driver: str) -> None:
+        sampled_masks.append(mask)
+        sampled_gains.append(_query(evaluate, tasks, mask))
+        picks.append((driver, tuple(t for t, m in zip(tasks, mask) if m)))
+
     if _initial_design(config, n, budget) == "leave_one_out":
+        where = {_bits(candidates[i]): i for i in untrained}
         for out in range(n):  # the leave-one-out groups among the candidates, as the first acquisitions
-            code = _bits(np.arange(n) != out)
-            at = next((pos for pos, i in enumerate(untrained) if _bits(candidates[i]) == code), None)
-            if at is None or len(picks) >= budget:
-                continue
-            mask = candidates[untrained.pop(at)]
-            sampled_masks.append(mask)
-            sampled_gains.append(_query(evaluate, tasks, mask))
-            picks.append((tasks[out], tuple(t for t, m in zip(tasks, mask) if m)))
+            i = where.get(_bits(np.arange(n) != out))
+            if i is not None and len(picks) < budget:
+                untrained.remove(i)
+                train(candidates[i], tasks[out])
     if acquisition == "random":
         order = np.random.default_rng(config.seed).permutation(len(untrained))[:budget - len(picks)]
         for i in order:
-            mask = candidates[untrained[i]]
-            sampled_masks.append(mask)
-            sampled_gains.append(_query(evaluate, tasks, mask))
-            picks.append(("", tuple(t for t, m in zip(tasks, mask) if m)))
+            train(candidates[untrained[i]], "")
         untrained = []
 
     def retrained(previous: MetaLearner | None) -> MetaLearner:
@@ -709,10 +709,7 @@ def active_sampling(tasks: Sequence[str], evaluate: Evaluate, candidates: np.nda
                             break
                     j = int(holders[np.argmax(pred[holders, c])])  # first maximum: earliest candidate
                 available[j] = False
-                mask = pool_masks[j]
-                sampled_masks.append(mask)
-                sampled_gains.append(_query(evaluate, tasks, mask))
-                picks.append((tasks[c], tuple(t for t, m in zip(tasks, mask) if m)))
+                train(pool_masks[j], tasks[c])
             untrained = pool[available].tolist()
         model = retrained(model)
     return ActiveSamplingResult(tasks, np.array(sampled_masks), np.array(sampled_gains), model, picks)

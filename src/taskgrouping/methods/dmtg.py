@@ -18,13 +18,13 @@ pruned model (N heads) is the result: no retraining. Beyond the paper:
   start the weights start as the grouped model of S's initial assignment would at the same seed
   (:func:`start_from_initial_grouping`), so DMTG and a fixed grouping are compared without
   initialisation luck. With the paper's recipe the found grouping depends on the seed (symmetric
-  branches, rich-get-richer dynamics);
-  the evidence for this recipe is in the DMTG issue's closing note. ``warmup_noise=False`` weighs
-  the head losses by softmax(S / tau) instead of a Gumbel draw while S is held fixed: a draw puts
-  about twice the softmax mass on other groups' heads, which costs ~0.1 % of test loss on the planted
-  data (independent group features) but helps on MultiMNIST (plausibly: both digits share features), so it is an
-  option, not the default (benchmarks/results/dmtg_warmup_noise_false.md). ``recipe=paper`` keeps the
-  paper's text, ``recipe=paper_code`` the authors' released configs.
+  branches, rich-get-richer dynamics); the evidence for this recipe is in the DMTG issue's closing
+  note. ``warmup_noise=False`` weighs the head losses by softmax(S / tau) instead of a Gumbel draw
+  while S is held fixed: a draw puts about twice the softmax mass on other groups' heads, which
+  costs ~0.1 % of test loss on the planted data (independent group features) but helps on
+  MultiMNIST (plausibly: both digits share features), so it is an option, not the default
+  (benchmarks/results/dmtg_warmup_noise_false.md). ``recipe=paper`` keeps the paper's text,
+  ``recipe=paper_code`` the authors' released configs.
 """
 
 from __future__ import annotations
