@@ -1,6 +1,7 @@
 """DMTG cost benchmarks (run by hand; not part of the tests).
 
-1. Step time of DMTG / (K x naive-MTL step time), K = 2..5, with and without shared blocks.
+1. Step time of DMTG / (K x naive-MTL step time), K = 2..5, with and without shared blocks: steps
+   that learn S, and (extra column) the warm-up steps while S is held fixed.
 2. Step time at N = 40 / N = 9 tasks, K = 5 (planted MLP shapes and CelebA-like TAG-ResNet shapes).
 3. Live heads at the end of training / N with head pruning on, and test loss with pruning vs without
    (planted and MultiMNIST, seeds 0-4).
@@ -8,13 +9,17 @@
    how much of DMTG - oracle is initialisation luck: for each data seed, the oracle and DMTG are
    trained from several initialisations (run seeds 1000 * data seed + j, same data) and their
    means compared.
-5. Other configurations (unequal planted groups, K = 4, MultiMNIST): naive MTL / single-task / oracle /
-   DMTG, seeds 0-2.
+5. Other configurations (unequal planted groups, K = 2, 4, 5, classification, more data, more noise,
+   less similar group-mates, MultiMNIST): naive MTL / single-task / oracle / DMTG, seeds 0-2.
+6. MultiMNIST at K = 2, 3, 4: NormGain_E vs naive MTL of DMTG and of random grouping, seeds 0-4 (the
+   issue's check: the mean over seeds 0-2).
 
 Timings are medians over interleaved rounds in one process (the machine is shared and noisy), one
-CPU thread. Writes benchmarks/results/dmtg.json and dmtg.md.
+CPU thread. Part 1 interleaves single steps (120 rounds): with blocks of 20 steps per variant the
+DMTG / K x naive ratio moved by up to 0.15 between repeated runs on this machine. Writes benchmarks/results/dmtg.json and dmtg.md.
 
-    python benchmarks/bench_dmtg.py [--quick] [--parts steps,n,heads,planted,configs] [--options JSON --tag NAME]
+    python benchmarks/bench_dmtg.py [--quick] [--parts steps,n,heads,planted,configs,multimnist_k]
+                                    [--options JSON --tag NAME]
 """
 
 from __future__ import annotations
@@ -30,14 +35,23 @@ import torch
 from taskgrouping.config import build_config
 from taskgrouping.data.builtin import planted
 from taskgrouping.experiment import prepare_data
+from taskgrouping.metrics import norm_gain
 from taskgrouping.methods.base import MethodContext, available_methods
 from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, resolve_options
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TaskLossObjective, TrainConfig, make_optimizer
+from taskgrouping.trainer import TaskLossObjective, TrainConfig, atomic_write_text, make_optimizer
 
 OUT = Path(__file__).resolve().parent / "results"
-DMTG_OPTIONS: dict = {}  # --options: DMTG options for the quality parts (heads, planted, configs)
+DMTG_OPTIONS: dict = {}  # --options: DMTG options for the quality parts (heads, planted, configs, multimnist_k)
+WARMUP_EPOCHS = int(resolve_options({})["s_warmup_epochs"])
+
+
+def _dmtg_step_fn(model, tasks, x, y, warm_up: bool = False):
+    """A step of the default recipe in a warm-up epoch (S fixed) or in an epoch that learns S."""
+    objective = DMTGObjective(tasks, resolve_options({}))
+    objective.on_epoch_start(0 if warm_up else WARMUP_EPOCHS, model)
+    return _step_fn(model, objective, x, y)
 
 
 def _step_fn(model, objective, x, y):
@@ -74,7 +88,10 @@ def _models(tasks, input_shape, K, backbone, options, shared_blocks):
                                  shared_blocks=shared_blocks)
     net = build_branched_model(tasks, [names] * K, input_shape, backbone=backbone, backbone_options=options,
                                shared_blocks=shared_blocks)
-    dmtg = DMTGModel(net, names, torch.zeros(len(names), K), "intended")
+    # tasks spread over the branches, as a prior would: in a warm-up step only assigned heads reach a branch
+    s = torch.zeros(len(names), K)
+    s[torch.arange(len(names)), torch.arange(len(names)) % K] = 3.0
+    dmtg = DMTGModel(net, names, s, "intended")
     return naive, dmtg
 
 
@@ -90,10 +107,13 @@ def step_ratio(quick: bool) -> list[dict]:
             for K in (2, 3, 4, 5):
                 naive, dmtg = _models(tasks, shape, K, backbone, options, shared)
                 fns = {"naive": _step_fn(naive, TaskLossObjective(tasks), x, y),
-                       "dmtg": _step_fn(dmtg, DMTGObjective(tasks, resolve_options({})), x, y)}
-                t = _time(fns, 5 if quick else 9, 10 if quick else 20)
+                       "dmtg": _dmtg_step_fn(dmtg, tasks, x, y),
+                       "dmtg_warmup": _dmtg_step_fn(dmtg, tasks, x, y, warm_up=True)}
+                t = _time(fns, 20 if quick else 120, 1)
                 rows.append({"setting": name, "shared_blocks": shared, "K": K, "naive_ms": t["naive"] * 1e3,
-                             "dmtg_ms": t["dmtg"] * 1e3, "ratio_vs_K_naive": t["dmtg"] / (K * t["naive"])})
+                             "dmtg_ms": t["dmtg"] * 1e3, "ratio_vs_K_naive": t["dmtg"] / (K * t["naive"]),
+                             "dmtg_warmup_ms": t["dmtg_warmup"] * 1e3,
+                             "warmup_ratio_vs_K_naive": t["dmtg_warmup"] / (K * t["naive"])})
                 print(rows[-1], flush=True)
     return rows
 
@@ -109,7 +129,7 @@ def n_ratio(quick: bool) -> list[dict]:
             x = torch.randn(bs, *shape)
             y = {t.name: (torch.randint(0, 2, (bs,)) if kind == "binary" else torch.randn(bs, 1)) for t in tasks}
             _, dmtg = _models(tasks, shape, 5, backbone, options, 0)
-            fns[N] = _step_fn(dmtg, DMTGObjective(tasks, resolve_options({})), x, y)
+            fns[N] = _dmtg_step_fn(dmtg, tasks, x, y)
         t = _time(fns, 5 if quick else 9, 5 if quick else 10)
         rows.append({"setting": name, "K": 5, "n9_ms": t[9] * 1e3, "n40_ms": t[40] * 1e3, "ratio": t[40] / t[9]})
         print(rows[-1], flush=True)
@@ -175,6 +195,12 @@ CONFIGS = {  # beyond the preset: unequal planted groups, more groups, and real 
     "planted, groups 5+3+2, K=3": ("planted", ["data.n_tasks=10", "data.group_sizes=[5,3,2]"]),
     "planted, groups 3+3+3+3, K=4": ("planted", ["data.n_tasks=12", "data.group_sizes=[3,3,3,3]", "K=4"]),
     "multimnist, K=2": ("multimnist", []),
+    "planted, groups 4+4, K=2": ("planted", ["data.n_tasks=8", "data.group_sizes=[4,4]", "K=2"]),
+    "planted, groups 2+2+2+2+2, K=5": ("planted", ["data.n_tasks=10", "data.group_sizes=[2,2,2,2,2]", "K=5"]),
+    "planted, classification": ("planted", ["data.task_type=classification"]),
+    "planted, 2000 training samples": ("planted", ["data.n_train=2000"]),
+    "planted, noise 2": ("planted", ["data.noise=2.0"]),
+    "planted, group-mate similarity 0.4": ("planted", ["data.within_group_similarity=0.4"]),
 }
 
 
@@ -205,12 +231,34 @@ def config_runs(quick: bool) -> list[dict]:
     return rows
 
 
+def multimnist_k(quick: bool) -> list[dict]:
+    """NormGain_E vs naive MTL of DMTG and of one random grouping at K = 2, 3, 4 on MultiMNIST."""
+    methods = available_methods()
+    rows = []
+    for K in ((2,) if quick else (2, 3, 4)):
+        for seed in ((0,) if quick else (0, 1, 2, 3, 4)):
+            cfg = build_config(preset="multimnist", overrides=[f"seed={seed}", f"K={K}", "train.progress=false"])
+            data = prepare_data(cfg)
+            res = {}
+            for m in ("naive_mtl", "random", "dmtg"):
+                ctx = MethodContext(data=data, seed=seed, K=K, train=TrainConfig(**cfg["train"]), model=cfg["model"],
+                                    balancer=cfg["balancer"], options=DMTG_OPTIONS if m == "dmtg" else {}, name=m,
+                                    cache={})
+                res[m] = methods[m](ctx)
+            rows.append({"K": K, "seed": seed, "dmtg_groups": res["dmtg"].grouping.as_lists(),
+                         "random_groups": res["random"].grouping.as_lists(),
+                         **{f"{m}_normgain_e": norm_gain(res[m].per_task, res["naive_mtl"].per_task, "error")
+                            for m in ("dmtg", "random")}})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="steps,n,heads,planted,configs")
+    ap.add_argument("--parts", default="steps,n,heads,planted,configs,multimnist_k")
     ap.add_argument("--options", default="{}", help="DMTG options (JSON) for the quality parts, e.g. "
-                    "'{\"warmup_noise\": false}'; results then go to dmtg_<--tag>.json/.md")
+                    "'{\"warmup\": \"gumbel\"}'; results then go to dmtg_<--tag>.json/.md")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -232,14 +280,19 @@ def main() -> None:
         result["planted"] = planted_runs(args.quick)
     if "configs" in parts:
         result["configs"] = config_runs(args.quick)
+    if "multimnist_k" in parts:
+        result["multimnist_k"] = multimnist_k(args.quick)
     OUT.mkdir(exist_ok=True)
-    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1))
     lines = ["# DMTG benchmarks", "", f"DMTG options beyond the default recipe: {json.dumps(DMTG_OPTIONS)}", ""]
     if "step_ratio" in result:
         lines += ["## Step time: DMTG / (K x naive MTL)  (target <= 1.05 without shared blocks)", "",
-                  "| setting | shared blocks | K | naive ms | DMTG ms | ratio |", "|---|---|---|---|---|---|"]
+                  f"Steps that learn S; the warm-up columns are the first {WARMUP_EPOCHS} epochs' steps (S fixed).", "",
+                  "| setting | shared blocks | K | naive ms | DMTG ms | ratio | warm-up ms | warm-up ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['setting']} | {r['shared_blocks']} | {r['K']} | {r['naive_ms']:.2f} | {r['dmtg_ms']:.2f} | "
-                  f"{r['ratio_vs_K_naive']:.2f} |" for r in result["step_ratio"]]
+                  f"{r['ratio_vs_K_naive']:.2f} | {r.get('dmtg_warmup_ms', float('nan')):.2f} | "
+                  f"{r.get('warmup_ratio_vs_K_naive', float('nan')):.2f} |" for r in result["step_ratio"]]
     if "n_ratio" in result:
         lines += ["", "## Step time N=40 / N=9 at K=5  (target <= 1.3)", "", "| setting | N=9 ms | N=40 ms | ratio |",
                   "|---|---|---|---|"]
@@ -277,7 +330,18 @@ def main() -> None:
         lines += [f"| {r['config']} | {r['seed']} | {cell(r, 'naive_mtl')} | {cell(r, 'single_task')} | "
                   f"{cell(r, 'oracle')} | {cell(r, 'dmtg')} | {r['dmtg_vs_oracle']:+.2%} | "
                   f"{'yes' if r['dmtg_found_oracle'] else 'no'} |" for r in result["configs"]]
-    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    if "multimnist_k" in result:
+        rows = result["multimnist_k"]
+        lines += ["", "## MultiMNIST: NormGain_E vs naive MTL, DMTG vs random grouping (target: DMTG >= random, "
+                  "mean of seeds 0-2)", "", "| K | seed | DMTG | random | DMTG groups |", "|---|---|---|---|---|"]
+        for K in dict.fromkeys(r["K"] for r in rows):
+            rs = [r for r in rows if r["K"] == K]
+            lines += [f"| {K} | {r['seed']} | {r['dmtg_normgain_e']:+.3f} | {r['random_normgain_e']:+.3f} | "
+                      f"{' / '.join(','.join(g) for g in r['dmtg_groups'])} |" for r in rs]
+            for label, sub in (("mean of seeds 0-2", rs[:3]), (f"mean of {len(rs)}", rs)):
+                lines.append(f"| {K} | {label} | {statistics.mean(r['dmtg_normgain_e'] for r in sub):+.3f} | "
+                             f"{statistics.mean(r['random_normgain_e'] for r in sub):+.3f} | |")
+    atomic_write_text(OUT / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -43,14 +43,14 @@ def test_loss_is_gumbel_weighted_sum_of_head_losses():
         assert out.losses[t].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_warmup_without_noise_weighs_head_losses_by_softmax_then_samples():
-    """While S is held fixed (warm-up), ``warmup_noise=False`` weighs head (k, i)'s loss by softmax(S/tau)
-    (no Gumbel draw: nothing about S is being learnt yet, and a draw puts about twice the softmax mass on
-    other groups' heads: benchmarks/results/dmtg_warmup_noise_false.md); after the warm-up the Gumbel
-    sample returns."""
+@pytest.mark.parametrize("mode", ["softmax", "probe"])
+def test_warmup_weighs_head_losses_by_softmax_then_samples(mode):
+    """While S is held fixed (warm-up), ``warmup=softmax`` and ``warmup=probe`` weigh head (k, i)'s loss by
+    softmax(S/tau) (no Gumbel draw: nothing about S is being learnt yet, and a draw puts about twice the
+    softmax mass on other groups' heads); after the warm-up the Gumbel sample returns."""
     data = _data()
     model = _model(data, s=torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]))
-    obj = DMTGObjective(data.tasks, resolve_options({"warmup_noise": False, "s_warmup_epochs": 2, "tau": 0.5}))
+    obj = DMTGObjective(data.tasks, resolve_options({"warmup": mode, "s_warmup_epochs": 2, "tau": 0.5}))
     x, y = data.train[list(range(16))]
     preds, _ = model.forward_heads(x)
     w = torch.softmax(model.S / 0.5, dim=1)
@@ -64,6 +64,51 @@ def test_warmup_without_noise_weighs_head_losses_by_softmax_then_samples():
     assert model.S.requires_grad
     first, second = (obj(model, x, y).losses[data.task_names[0]].item() for _ in range(2))
     assert first != second  # a fresh Gumbel draw per step
+
+
+def _unfused(model: DMTGModel) -> DMTGModel:
+    """The same weights with every head wrapped in a Sequential, so the per-head (not fused) path runs."""
+    net = model.net
+    for hs in net.heads:
+        for j in range(len(hs)):
+            hs[j] = torch.nn.Sequential(hs[j]).requires_grad_(True)
+    out = DMTGModel(net, model.task_names, model.S.detach(), "none")
+    assert not out.fused
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_probe_warmup_trains_branches_only_through_assigned_heads(fused):
+    """``warmup=probe``: the branches get exactly the gradient of the assigned heads' weighted losses (what
+    training the initial grouping gives them); every head, assigned or not, gets its full gradient."""
+    data = _data()
+    s = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 0.0]])  # task 3 assigned to branch 0
+    model = _model(data, s=s)
+    model = model if fused else _unfused(model)
+    obj = DMTGObjective(data.tasks, resolve_options({"warmup": "probe", "s_warmup_epochs": 1}))
+    obj.on_epoch_start(0, model)
+    x, y = data.train[list(range(32))]
+    sum(obj(model, x, y).losses.values()).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    preds, _ = model.forward_heads(x, [(k, t) for k in range(2) for t in data.task_names])
+    w = torch.softmax(model.S / obj.tau, dim=1).detach()
+    assign = s.argmax(dim=1).tolist()
+    assigned = sum(w[i, assign[i]] * data.task(t).loss(preds[(assign[i], t)], y[t])
+                   for i, t in enumerate(data.task_names))
+    branch_params = [p for p in model.net.branches.parameters()]
+    for p, g in zip(branch_params, torch.autograd.grad(assigned, branch_params, retain_graph=True)):
+        name = next(n for n, q in model.named_parameters() if q is p)
+        assert torch.allclose(got[name], g, atol=1e-7), name
+    every = sum(w[i, k] * data.task(t).loss(preds[(k, t)], y[t]) for i, t in enumerate(data.task_names)
+                for k in range(2))
+    heads = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (".heads." in n or "banks." in n)]
+    assert heads
+    for (name, p), g in zip(heads, torch.autograd.grad(every, [p for _, p in heads], retain_graph=True)):
+        assert torch.allclose(got[name], g, atol=1e-7), name
+    # and the branch gradient is not the one every head would give (the probes do not reach the branches)
+    full = torch.autograd.grad(every, branch_params[0])[0]
+    assert not torch.allclose(full, got[next(n for n, q in model.named_parameters() if q is branch_params[0])])
 
 
 def test_pruned_model_equals_selected_heads_and_reloads(tmp_path):
@@ -167,7 +212,7 @@ def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
     (5, {}, "1 <= K <= number of tasks"), (0, {}, "1 <= K"), (2, {"tau": 0}, "dmtg.tau must be > 0"),
     (2, {"tau": -1.0}, "dmtg.tau"), (2, {"init": "prior", "prior": [[0.0, 1.0]] * 3}, "N x K = 4 x 2"),
     (2, {"recipe": "magic"}, "dmtg.recipe"), (2, {"bogus": 1}, "unknown dmtg option"),
-    (2, {"warmup_noise": "no"}, "dmtg.warmup_noise must be true or false"),
+    (2, {"warmup": "noisy"}, "dmtg.warmup must be one of probe | softmax | gumbel, got 'noisy'"),
 ])
 def test_bad_options(K, options, msg):
     with pytest.raises(ValueError, match=msg):
