@@ -96,7 +96,7 @@ def test_probe_warmup_trains_branches_only_through_assigned_heads(fused):
     assign = s.argmax(dim=1).tolist()
     assigned = sum(w[i, assign[i]] * data.task(t).loss(preds[(assign[i], t)], y[t])
                    for i, t in enumerate(data.task_names))
-    branch_params = [p for p in model.net.branches.parameters()]
+    branch_params = list(model.net.branches.parameters())
     for p, g in zip(branch_params, torch.autograd.grad(assigned, branch_params, retain_graph=True)):
         name = next(n for n, q in model.named_parameters() if q is p)
         assert torch.allclose(got[name], g, atol=1e-7), name
@@ -212,7 +212,7 @@ def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
     (5, {}, "1 <= K <= number of tasks"), (0, {}, "1 <= K"), (2, {"tau": 0}, "dmtg.tau must be > 0"),
     (2, {"tau": -1.0}, "dmtg.tau"), (2, {"init": "prior", "prior": [[0.0, 1.0]] * 3}, "N x K = 4 x 2"),
     (2, {"recipe": "magic"}, "dmtg.recipe"), (2, {"bogus": 1}, "unknown dmtg option"),
-    (2, {"warmup": "noisy"}, "dmtg.warmup must be one of probe | softmax | gumbel, got 'noisy'"),
+    (2, {"warmup": "noisy"}, r"dmtg.warmup must be one of probe \| softmax \| gumbel, got 'noisy'"),
 ])
 def test_bad_options(K, options, msg):
     with pytest.raises(ValueError, match=msg):
