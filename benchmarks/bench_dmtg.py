@@ -16,7 +16,8 @@
 
 Timings are medians over interleaved rounds in one process (the machine is shared and noisy), one
 CPU thread. Part 1 interleaves single steps (120 rounds): with blocks of 20 steps per variant the
-DMTG / K x naive ratio moved by up to 0.15 between repeated runs on this machine. Writes benchmarks/results/dmtg.json and dmtg.md.
+DMTG / K x naive ratio moved by up to 0.15 between repeated runs on this machine. Writes
+benchmarks/results/dmtg.json and dmtg.md.
 
     python benchmarks/bench_dmtg.py [--quick] [--parts steps,n,heads,planted,configs,multimnist_k]
                                     [--options JSON --tag NAME]
@@ -138,7 +139,6 @@ def n_ratio(quick: bool) -> list[dict]:
 
 def live_heads(quick: bool) -> list[dict]:
     rows = []
-    methods = available_methods()
     seeds = (0,) if quick else (0, 1, 2, 3, 4)
     runs = [(preset, s, []) for preset in ("planted", "multimnist") for s in seeds]
     for preset, seed, extra in runs:
@@ -146,10 +146,7 @@ def live_heads(quick: bool) -> list[dict]:
         data = prepare_data(cfg)
         out = {}
         for pruning in (True, False):
-            ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
-                                model=cfg["model"], balancer=cfg["balancer"],
-                                options={**DMTG_OPTIONS, "head_pruning": pruning}, name="dmtg")
-            r = methods["dmtg"](ctx)
+            r = _run("dmtg", data, cfg, seed, head_pruning=pruning)
             out[pruning] = (r.extra["live_heads_final"], sum(m["loss"] for m in r.per_task.values()))
         N = len(data.tasks)
         rows.append({"preset": preset, "seed": seed, "N": N, "K": cfg["K"], "live_heads": out[True][0],
@@ -163,19 +160,23 @@ def _total(result) -> float:
     return float(sum(m["loss"] for m in result.per_task.values()))
 
 
+def _run(name: str, data, cfg: dict, seed: int, cache: dict | None = None, **options):
+    """One method on prepared data; DMTG gets the --options, then ``options``."""
+    ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]), model=cfg["model"],
+                        balancer=cfg["balancer"], options={**DMTG_OPTIONS, **options} if name == "dmtg" else {},
+                        name=name, cache={} if cache is None else cache)
+    return available_methods()[name](ctx)
+
+
 def planted_runs(quick: bool, inits: int = 6) -> dict:
     """Seeds 0-4 of the planted preset as the DMTG issue checks them, plus the init spread (see docstring)."""
-    methods = available_methods()
     rows, spread = [], []
     for seed in ((0,) if quick else (0, 1, 2, 3, 4)):
         cfg = build_config(preset="planted", overrides=[f"seed={seed}", "train.progress=false"])
         data = prepare_data(cfg)
 
         def run(name: str, run_seed: int, cache: dict) -> float:
-            ctx = MethodContext(data=data, seed=run_seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
-                                model=cfg["model"], balancer=cfg["balancer"],
-                                options=DMTG_OPTIONS if name == "dmtg" else {}, name=name, cache=cache)
-            return _total(methods[name](ctx))
+            return _total(_run(name, data, cfg, run_seed, cache))
 
         cache: dict = {}
         row = {"seed": seed, **{m: run(m, seed, cache) for m in ("naive_mtl", "single_task", "oracle", "dmtg")}}
@@ -207,7 +208,6 @@ CONFIGS = {  # beyond the preset: unequal planted groups, more groups, and real 
 def config_runs(quick: bool) -> list[dict]:
     """Total test loss (and error where the tasks have one) of naive MTL / single-task / oracle / DMTG on
     configurations other than the planted preset, seeds 0-2."""
-    methods = available_methods()
     rows = []
     for name, (preset, extra) in CONFIGS.items():
         for seed in ((0,) if quick else (0, 1, 2)):
@@ -215,10 +215,7 @@ def config_runs(quick: bool) -> list[dict]:
             data = prepare_data(cfg)
             row: dict = {"config": name, "seed": seed}
             for m in ("naive_mtl", "single_task", "oracle", "dmtg"):
-                ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
-                                    model=cfg["model"], balancer=cfg["balancer"],
-                                    options=DMTG_OPTIONS if m == "dmtg" else {}, name=m, cache={})
-                r = methods[m](ctx)
+                r = _run(m, data, cfg, seed)
                 row[m] = _total(r)
                 if all("error" in v for v in r.per_task.values()):
                     row[f"{m}_error"] = float(sum(v["error"] for v in r.per_task.values()))
@@ -233,18 +230,12 @@ def config_runs(quick: bool) -> list[dict]:
 
 def multimnist_k(quick: bool) -> list[dict]:
     """NormGain_E vs naive MTL of DMTG and of one random grouping at K = 2, 3, 4 on MultiMNIST."""
-    methods = available_methods()
     rows = []
     for K in ((2,) if quick else (2, 3, 4)):
         for seed in ((0,) if quick else (0, 1, 2, 3, 4)):
             cfg = build_config(preset="multimnist", overrides=[f"seed={seed}", f"K={K}", "train.progress=false"])
             data = prepare_data(cfg)
-            res = {}
-            for m in ("naive_mtl", "random", "dmtg"):
-                ctx = MethodContext(data=data, seed=seed, K=K, train=TrainConfig(**cfg["train"]), model=cfg["model"],
-                                    balancer=cfg["balancer"], options=DMTG_OPTIONS if m == "dmtg" else {}, name=m,
-                                    cache={})
-                res[m] = methods[m](ctx)
+            res = {m: _run(m, data, cfg, seed) for m in ("naive_mtl", "random", "dmtg")}
             rows.append({"K": K, "seed": seed, "dmtg_groups": res["dmtg"].grouping.as_lists(),
                          "random_groups": res["random"].grouping.as_lists(),
                          **{f"{m}_normgain_e": norm_gain(res[m].per_task, res["naive_mtl"].per_task, "error")

@@ -233,7 +233,7 @@ class DMTGModel(nn.Module):
             f = self.net.branches[k](scale_grad(z, self.branch_scale))
             feats[k] = f
             fh = scale_grad(f, self.head_scale)
-            probes = [] if assign is None else [j for j, i in enumerate(idx) if assign[i] != k]
+            probes = set() if assign is None else {j for j, i in enumerate(idx) if assign[i] != k}
             if self.fused:
                 bank = self.banks[k]
                 weight, bias = bank.weight, bank.bias
