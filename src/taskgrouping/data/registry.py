@@ -13,7 +13,7 @@ from taskgrouping.registry import check_options, import_modules
 
 Loader = Callable[..., TaskData]
 DATASETS: dict[str, Loader] = {}
-_MODULES = ("builtin", "npz", "celeba", "taskonomy", "nyuv2")
+_MODULES = ("builtin", "multimnist_dense", "npz", "celeba", "taskonomy", "nyuv2")
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:

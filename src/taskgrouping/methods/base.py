@@ -93,7 +93,8 @@ def register_method(name: str, options: dict[str, Any] | None = None) -> Callabl
     return deco
 
 
-_MODULES = ("grouped", "dmtg", "standley", "tag", "mtg_net", "interrogate", "cross_stitch", "mtan")
+_MODULES = ("grouped", "dmtg", "standley", "tag", "mtg_net", "interrogate", "cross_stitch", "mtan",
+            "label_clusters")
 
 
 def available_methods() -> dict[str, MethodFn]:

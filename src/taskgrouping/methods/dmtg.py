@@ -9,8 +9,10 @@ assignment S, relaxed with Gumbel-softmax, weighs head (k, i)'s loss:
 Weights and S train together; task i's group is argmax_k S_ik, empty groups are dropped, and the
 pruned model (N heads) is the result: no retraining. Beyond the paper:
 
-* heads whose assignment probability stayed below a threshold for ``prune_patience`` epochs stop
-  being computed (the paper computes all K*N heads every step and names this its limitation);
+* once all but one of a task's heads have had assignment probability below a threshold for
+  ``prune_patience`` epochs (its row of S has converged), the others stop being computed (the paper
+  computes all K*N heads every step and names this its limitation); a task still undecided keeps
+  every head, so pruning does not end S's learning early;
 * a ``robust`` recipe (default): S initialised from a training-free prior, the clustering of the
   tasks' label correlations (:func:`label_affinity`, :func:`cluster_prior`), held fixed for the
   first ``s_warmup_epochs`` while the branches specialise, then learned with its own, faster
@@ -397,10 +399,12 @@ class DMTGObjective:
             p = model.probabilities().T  # K x N
             low = (p < float(self.opts["prune_threshold"])) & model.live
             model.low_epochs.copy_(torch.where(low, model.low_epochs + 1, torch.zeros_like(model.low_epochs)))
-            kill = model.low_epochs >= int(self.opts["prune_patience"])
-            keep = torch.zeros_like(kill)
+            # a task's other heads go together, once every one of them has stayed below the threshold for
+            # prune_patience epochs: S's row has converged, so pruning ends no learning that is still going on
+            keep = torch.zeros_like(low)
             keep[torch.tensor(model.assignment()), torch.arange(len(model.task_names))] = True
-            model.live &= ~(kill & ~keep)
+            settled = ((model.low_epochs >= int(self.opts["prune_patience"])) | keep | ~model.live).all(dim=0)
+            model.live &= keep | ~settled
         return {"tau": self.tau, "assignment_probs": model.probabilities().tolist(),
                 "live_heads": int(model.live.sum()), "grouping": model.grouping().as_lists()}
 
@@ -431,21 +435,29 @@ def affinity_prior(model: BranchedModel, loader, tasks: list[Task], batches: int
 
 
 def label_affinity(loader, tasks: list[Task], batches: int | None = None) -> np.ndarray:
-    """|Pearson correlation| between tasks' training labels (pairwise over samples labelled for both).
+    """|Pearson correlation| between tasks' training labels (pairwise over the values labelled for both).
 
-    A training-free affinity for scalar tasks (binary / regression): related tasks, e.g. CelebA's
-    hair colours or one MultiMNIST digit's properties, have dependent labels.
+    A training-free affinity for scalar tasks (binary / regression) or per-pixel regression tasks
+    (``dense_regression``, correlated over samples and pixels): related tasks, e.g. CelebA's hair
+    colours or one MultiMNIST digit's properties, often have dependent labels.
     """
-    bad = [t.name for t in tasks if t.kind not in ("binary", "regression")]
-    if bad:
-        raise ValueError(f"dmtg.init=labels needs binary or regression tasks; {bad} are not (use init=affinity)")
+    kinds = {t.kind for t in tasks}
+    if not (kinds <= {"binary", "regression"} or kinds == {"dense_regression"}):
+        bad = [t.name for t in tasks if t.kind not in ("binary", "regression")]
+        raise ValueError(f"label correlations need binary / regression tasks or only dense_regression ones; "
+                         f"{bad} do not fit (use dmtg.init=affinity)")
+    dense = kinds == {"dense_regression"}
     cols: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
     for b, (_, targets) in enumerate(loader):
         for t in tasks:
-            y = targets[t.name].reshape(targets[t.name].shape[0], -1)[:, 0].double()
+            flat = targets[t.name].reshape(targets[t.name].shape[0], -1)
+            y = (flat if dense else flat[:, 0]).reshape(-1).double()
             cols[t.name].append(torch.where(y < 0, float("nan"), y) if t.kind == "binary" else y)
         if batches is not None and b + 1 >= batches:
             break
+    if dense and len({sum(c.numel() for c in cols[t.name]) for t in tasks}) > 1:
+        raise ValueError("label correlations of dense tasks need targets of one size; "
+                         f"{[t.name for t in tasks]} differ")
     Y = torch.stack([torch.cat(cols[t.name]) for t in tasks]).numpy()
     n = len(tasks)
     out = np.eye(n)

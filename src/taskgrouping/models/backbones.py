@@ -71,14 +71,20 @@ def mlp(input_shape: tuple[int, ...], widths: Sequence[int] = (64, 32)) -> nn.Se
 
 @register_backbone("small_cnn")
 def small_cnn(input_shape: tuple[int, ...], channels: Sequence[int] = (16, 32),
-              feature_dim: int = 64) -> nn.Sequential:
+              feature_dim: int = 64, maps: int = 0) -> nn.Sequential:
     """Strided 3x3 conv blocks, then a flatten + linear block to a ``feature_dim`` vector.
 
     Flattening (rather than global pooling) keeps *where* a pattern is, which tasks tied to an
     image region (MultiMNIST's left / right digit) need.
+
+    ``maps > 0`` (for dense heads) ends the last block with a linear layer (no activation) from the
+    ``feature_dim`` vector to ``maps`` feature maps at the input's resolution, so the output is
+    ``(maps, H, W)``; ``maps = 0`` (default) leaves the network unchanged.
     """
     if len(input_shape) != 3:
         raise ValueError(f"small_cnn expects image inputs (C, H, W), got shape {input_shape}")
+    if int(maps) < 0:
+        raise ValueError(f"backbone 'small_cnn': maps must be >= 0, got {maps!r}")
     blocks: list[nn.Module] = []
     c = input_shape[0]
     for w in channels:
@@ -88,7 +94,11 @@ def small_cnn(input_shape: tuple[int, ...], channels: Sequence[int] = (16, 32),
     flat = 1
     for s in output_shape(trunk, input_shape):
         flat *= s
-    blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(flat, int(feature_dim)), nn.ReLU()))
+    last: list[nn.Module] = [nn.Flatten(), nn.Linear(flat, int(feature_dim)), nn.ReLU()]
+    if int(maps) > 0:
+        size = (int(maps), int(input_shape[1]), int(input_shape[2]))
+        last += [nn.Linear(int(feature_dim), size[0] * size[1] * size[2]), nn.Unflatten(1, size)]
+    blocks.append(nn.Sequential(*last))
     return nn.Sequential(*blocks)
 
 

@@ -1,0 +1,39 @@
+"""``label_clusters``: the cheap, training-free grouping heuristic that DMTG must be reported beside.
+
+It groups tasks by average-linkage clustering (into K clusters) of the |Pearson r| between their
+training labels (scalar tasks, or per-pixel regression tasks correlated over samples and pixels), then trains that grouping exactly like ``fixed``. It needs no training to choose
+the groups, but it can only find groups whose *labels* are correlated: tasks that share features
+with uncorrelated labels look unrelated to it.
+"""
+
+from __future__ import annotations
+
+from taskgrouping.data.base import make_loader
+from taskgrouping.grouping.grouping import Grouping
+from taskgrouping.methods.base import MethodContext, MethodResult, register_method
+from taskgrouping.methods.dmtg import cluster_prior, label_affinity
+from taskgrouping.methods.grouped import fit_grouping
+
+
+def label_groups(ctx: MethodContext) -> tuple[list[list[str]], list[list[float]]]:
+    """The K label clusters (task-name lists, numbered by first task, empty ones dropped) and the
+    |label correlation| matrix on the training split."""
+    names, K = ctx.data.task_names, int(ctx.K)
+    if not 1 <= K <= len(names):
+        raise ValueError(f"method 'label_clusters' needs 1 <= K <= {len(names)} (the number of tasks), got K={K}")
+    # an unshuffled loader: the correlations do not depend on order, and no RNG is drawn from
+    affinity = label_affinity(make_loader(ctx.data.train, ctx.train.batch_size, shuffle=False), ctx.data.tasks)
+    cluster = cluster_prior(affinity, K, 1.0).argmax(dim=1).tolist()
+    groups = [[n for n, c in zip(names, cluster) if c == k] for k in range(K)]
+    return [g for g in groups if g], affinity.tolist()
+
+
+@register_method("label_clusters")
+def label_clusters(ctx: MethodContext) -> MethodResult:
+    """Training-free baseline: K average-linkage clusters of the tasks' |label correlation|, trained as given."""
+    groups, affinity = label_groups(ctx)
+    grouping = Grouping.partition(groups, method="label_clusters")
+    res = fit_grouping(ctx, grouping, "label_clusters")
+    res.n_networks = len(grouping.groups)
+    res.extra["label_affinity"] = affinity
+    return res
