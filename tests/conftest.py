@@ -1,4 +1,5 @@
-"""Shared test settings: one CPU thread (CI has 2 shared cores) and the shared-data location."""
+"""Shared test settings: one CPU thread (CI has 2 shared cores), the shared-data location and a helper
+that runs a preset's methods in-process."""
 
 from pathlib import Path
 
@@ -17,3 +18,23 @@ def grouping_data() -> Path:
         raise FileNotFoundError(f"{GROUPING_DATA} not found: the tests read the authors' measured data from "
                                 "../shared/grouping-data beside the repository")
     return GROUPING_DATA
+
+
+def run_preset(preset: str, methods: tuple[str, ...], seed: int = 0, options: dict | None = None):
+    """(data, {method: MethodResult}) for ``methods`` run in-process on ``preset`` at ``seed`` (each with the
+    preset's options for it, or ``options[method]``)."""
+    from taskgrouping.config import build_config
+    from taskgrouping.experiment import prepare_data
+    from taskgrouping.methods.base import MethodContext, available_methods
+    from taskgrouping.trainer import TrainConfig
+
+    cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false"])
+    data = prepare_data(cfg)
+    registry = available_methods()
+    out = {}
+    for name in methods:
+        opts = (options or {}).get(name, cfg.get(name) or {})
+        ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]), model=cfg["model"],
+                            balancer=cfg["balancer"], options=opts, name=name)
+        out[name] = registry[name](ctx)
+    return data, out

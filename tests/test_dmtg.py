@@ -261,3 +261,56 @@ def test_assignment_heatmap_is_written(tmp_path):
     assert res.extra["assignment_figure"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res.extra["dmtg_history"]) == 3 and len(res.extra["dmtg_history"][0]["assignment_probs"]) == 4
+
+
+def test_mates_are_running_cosines_of_each_branchs_task_gradients():
+    """``measure_mates``: per branch, the cosine between two tasks' loss gradients w.r.t. that branch's
+    parameters (computed here by hand, one task at a time), averaged over measurements."""
+    data = _data()
+    model = _model(data, s=torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]))
+    obj = DMTGObjective(data.tasks, resolve_options({"mates_weight": 1.0, "mates_decay": 0.5}))
+    batches = [data.train[list(range(0, 16))], data.train[list(range(16, 32))]]
+    expected = torch.zeros(2, 4, 4)
+    for x, y in batches:
+        _, feats = model.head_losses(x, y, data.tasks)
+        obj.measure_mates(model, feats, y)
+        for k in range(2):
+            params = list(model.net.branches[k].parameters())
+            preds, _ = model.forward_heads(x, [(k, t) for t in data.task_names])
+            grads = [torch.cat([g.flatten() for g in torch.autograd.grad(data.task(t).loss(preds[(k, t)], y[t]), params,
+                                                                          retain_graph=True)])
+                     for t in data.task_names]
+            G = F.normalize(torch.stack(grads), dim=1)
+            expected[k] += (G @ G.T) / 2  # decay 0.5 over two measurements: a plain mean of the two
+    assert torch.allclose(obj.mates, expected, atol=1e-5)
+    state = obj.state_dict()
+    again = DMTGObjective(data.tasks, resolve_options({"mates_weight": 1.0}))
+    again.load_state_dict(state)
+    assert torch.equal(again.mates, obj.mates) and again.measured == 2
+
+
+def test_mates_pull_moves_a_task_towards_the_branch_whose_tasks_agree_with_it():
+    """The gradient of the mates term on S_i is -weight * p_ik (A_ik - sum_k' p_ik' A_ik'): it raises S_i on
+    the branch whose current tasks' gradients agree with task i's, and nothing else (no self term)."""
+    data = _data()
+    model = _model(data, s=torch.tensor([[0.0, 3.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]))  # task 0 sits on branch 1
+    obj = DMTGObjective(data.tasks, resolve_options({"mates_weight": 2.0}))
+    mates = torch.zeros(2, 4, 4)
+    mates[0, 0, 1] = mates[0, 1, 0] = 0.5  # on branch 0, task 0 agrees with task 1 (which sits there)
+    mates[:, 0, 0] = 1.0  # self-similarity must not count
+    obj.mates = mates
+    obj.mates_loss(model).backward()
+    p = model.probabilities().detach()
+    pull = torch.zeros(4, 2)
+    pull[0, 0] = 0.5 * p[1, 0]
+    pull[1, 0] = 0.5 * p[0, 0]
+    expected = -2.0 * p * (pull - (p * pull).sum(dim=1, keepdim=True))
+    assert torch.allclose(model.S.grad, expected, atol=1e-7)
+    assert model.S.grad[0, 0] < 0 < model.S.grad[0, 1]  # descent raises S_00: task 0 moves towards task 1
+
+
+@pytest.mark.parametrize("key, value", [("mates_weight", -1.0), ("mates_every", 0), ("mates_every", 2.5),
+                                        ("mates_decay", 1.0)])
+def test_bad_mates_options_are_clear_errors(key, value):
+    with pytest.raises(ValueError, match=f"dmtg.{key}"):
+        resolve_options({key: value})

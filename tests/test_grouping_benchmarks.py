@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from taskgrouping.config import build_config
+from conftest import run_preset
 from taskgrouping.data.builtin import multimnist_independent, planted
-from taskgrouping.experiment import prepare_data
-from taskgrouping.methods.base import MethodContext, available_methods
-from taskgrouping.trainer import TrainConfig
 
 
 def _max_offdiag_corr(split, names) -> float:
@@ -53,14 +50,16 @@ def test_planted_independent_bad_group_size_is_a_clear_error():
         planted(n_tasks=4, group_sizes=[4], feature_dim=2, independent_labels=True, within_group_similarity=0.0)
 
 
-def test_multimnist_independent_labels_are_exactly_uncorrelated_in_every_split():
-    d = multimnist_independent(n_train=640, n_val=64, n_test=130, seed=2)
+@pytest.mark.parametrize("all_parities, props", [(False, ("bit0", "bit1", "bit2", "parity")),
+                                                 (True, ("x1", "x2", "x3", "x12", "x13", "x23", "x123"))])
+def test_multimnist_independent_labels_are_exactly_uncorrelated_in_every_split(all_parities, props):
+    d = multimnist_independent(n_train=640, n_val=64, n_test=130, all_parities=all_parities, seed=2)
     assert len(d.test) == 128  # rounded down to whole copies of the 64 class pairs
     for split in (d.train, d.val, d.test):
         assert _max_offdiag_corr(split, d.task_names) < 1e-9
         for n in d.task_names:
             assert split.targets[n].float().mean().item() == 0.5
-    assert d.groups == [[f"{s}_{p}" for p in ("bit0", "bit1", "bit2", "parity")] for s in ("left", "right")]
+    assert d.groups == [[f"{s}_{p}" for p in props] for s in ("left", "right")]
 
 
 def test_multimnist_independent_labels_match_the_source_digits():
@@ -77,6 +76,9 @@ def test_multimnist_independent_labels_match_the_source_digits():
         for b in range(3):
             assert np.array_equal(d.train.targets[f"{side}_bit{b}"].numpy(), (digit >> b) & 1)
         assert np.array_equal(d.train.targets[f"{side}_parity"].numpy(), np.array([bin(v).count("1") % 2 for v in digit]))
+    d = multimnist_independent(n_train=128, n_val=64, n_test=64, all_parities=True, seed=0)
+    digit = labels[d.train.source_indices[:, 0].numpy()]
+    assert np.array_equal(d.train.targets["left_x13"].numpy(), (digit & 1) ^ ((digit >> 2) & 1))
 
 
 def test_multimnist_independent_too_small_split_is_a_clear_error():
@@ -85,15 +87,8 @@ def test_multimnist_independent_too_small_split_is_a_clear_error():
 
 
 def _preset_totals(preset: str) -> dict[str, float]:
-    cfg = build_config(preset=preset, overrides=["seed=0", "train.progress=false"])
-    data = prepare_data(cfg)
-    methods = available_methods()
-    out = {}
-    for name in ("naive_mtl", "single_task", "oracle", "label_clusters"):
-        ctx = MethodContext(data=data, seed=0, K=cfg["K"], train=TrainConfig(**cfg["train"]), model=cfg["model"],
-                            balancer=cfg["balancer"], options={}, name=name)
-        out[name] = sum(m["loss"] for m in methods[name](ctx).per_task.values())
-    return out
+    _, runs = run_preset(preset, ("naive_mtl", "single_task", "oracle", "label_clusters"))
+    return {name: sum(m["loss"] for m in res.per_task.values()) for name, res in runs.items()}
 
 
 @pytest.mark.parametrize("preset, margin", [("planted_independent", 0.03), ("multimnist_independent", 0.0),

@@ -163,7 +163,7 @@ def test_small_cnn_maps_option():
 
 def test_preset_config_and_model_forward():
     cfg = build_config(preset="multimnist_dense")
-    assert cfg["K"] == 2 and cfg["methods"] == ["naive_mtl", "single_task", "oracle"]
+    assert cfg["K"] == 2 and cfg["methods"] == ["naive_mtl", "single_task", "oracle", "label_clusters", "dmtg"]
     opts = {k: v for k, v in cfg["data"].items() if k != "name"}
     d = multimnist_dense(**dict(opts, n_train=40, n_val=10, n_test=10))
     torch.manual_seed(0)

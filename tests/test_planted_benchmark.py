@@ -6,23 +6,12 @@ single-task learning on test loss, and DMTG recovers the planted grouping exactl
 
 import pytest
 
-from taskgrouping.config import build_config
-from taskgrouping.experiment import prepare_data
-from taskgrouping.methods.base import MethodContext, available_methods
-from taskgrouping.trainer import TrainConfig
+from conftest import run_preset
 
 
 @pytest.fixture(scope="module")
 def planted_runs():
-    cfg = build_config(preset="planted", overrides=["seed=0", "train.progress=false"])
-    data = prepare_data(cfg)
-    methods = available_methods()
-    out = {}
-    for name in ("naive_mtl", "single_task", "oracle", "dmtg"):
-        ctx = MethodContext(data=data, seed=0, K=cfg["K"], train=TrainConfig(**cfg["train"]), model=cfg["model"],
-                            balancer=cfg["balancer"], options={}, name=name)
-        out[name] = methods[name](ctx)
-    return data, out
+    return run_preset("planted", ("naive_mtl", "single_task", "oracle", "dmtg"))
 
 
 def total(res):

@@ -261,9 +261,22 @@ def multimnist(n_train: int = 4000, n_val: int = 1000, n_test: int = 2000, image
 INDEPENDENT_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
 
 
-def independent_bits(index: np.ndarray) -> dict[str, np.ndarray]:
-    """The three bits of a class index in 0..7 and their XOR: with the 8 classes equally frequent, any two
-    of these four labels are independent (each pair of them takes its four values equally often)."""
+def independent_bits(index: np.ndarray, all_parities: bool = False) -> dict[str, np.ndarray]:
+    """The three bits of a class index in 0..7 and their XOR (``parity``), or with ``all_parities`` the XOR
+    of every non-empty subset of the bits (``x1``, ``x2``, ``x12``, ... ``x123``, the seven non-trivial
+    characters of Z_2^3). With the 8 classes equally frequent, any two of these labels are independent
+    (each pair takes its four values equally often)."""
+    if all_parities:
+        from itertools import combinations
+
+        out = {}
+        for r in (1, 2, 3):
+            for subset in combinations(range(3), r):
+                y = np.zeros_like(index)
+                for b in subset:
+                    y = y ^ ((index >> b) & 1)
+                out["x" + "".join(str(b + 1) for b in subset)] = y
+        return out
     bits = {f"bit{b}": (index >> b) & 1 for b in range(3)}
     bits["parity"] = bits["bit0"] ^ bits["bit1"] ^ bits["bit2"]
     return bits
@@ -272,12 +285,13 @@ def independent_bits(index: np.ndarray) -> dict[str, np.ndarray]:
 @register_dataset("multimnist_independent")
 def multimnist_independent(n_train: int = 4096, n_val: int = 1024, n_test: int = 2048, image_size: int = 28,
                            offset: int = 8, source_split: Sequence[float] = (0.7, 0.1, 0.2),
-                           seed: int = 0) -> TaskData:
-    """Two overlaid MNIST digits of the classes 0-7, 4 binary tasks per digit with pairwise independent
-    labels: the three bits of the class index and their XOR (``parity``).
+                           all_parities: bool = False, seed: int = 0) -> TaskData:
+    """Two overlaid MNIST digits of the classes 0-7; per digit binary tasks with pairwise independent labels:
+    the three bits of the class index and their XOR (``parity``), or with ``all_parities`` the XORs of
+    all seven non-empty subsets of the bits (the preset's setting: 7 tasks per digit).
 
     Each split holds each of the 64 (left class, right class) pairs equally often (sizes are rounded
-    down to multiples of 64), so any two of the 8 tasks are exactly uncorrelated in every split: label
+    down to multiples of 64), so any two tasks are exactly uncorrelated in every split: label
     statistics cannot tell which tasks belong together. One digit's tasks still share everything (its
     three bits name the digit), so the known grouping {left}, {right} pays. Images are built as in
     :func:`multimnist`, source digits split into pools by index before pairing.
@@ -292,7 +306,8 @@ def multimnist_independent(n_train: int = 4096, n_val: int = 1024, n_test: int =
     perm = torch.randperm(len(labels), generator=g).numpy()
     pools = np.split(perm, np.cumsum([int(round(f * len(labels))) for f in source_split[:2]]))
     sides = ("left", "right")
-    names = [f"{side}_{prop}" for side in sides for prop in independent_bits(np.zeros(1, dtype=np.int64))]
+    names = [f"{side}_{prop}" for side in sides
+             for prop in independent_bits(np.zeros(1, dtype=np.int64), bool(all_parities))]
     datasets = []
     for pool, n in zip(pools, sizes):
         pairs = torch.arange(64).repeat(n // 64)[torch.randperm(n, generator=g)].numpy()
@@ -304,13 +319,14 @@ def multimnist_independent(n_train: int = 4096, n_val: int = 1024, n_test: int =
         left, right = digit_canvases(images, pick, offset)
         x = resize_canvas(torch.maximum(left, right) / 255.0, image_size)
         targets = {f"{side}_{prop}": torch.from_numpy(y.astype(np.int64))
-                   for side, index in zip(sides, cls) for prop, y in independent_bits(index).items()}
+                   for side, index in zip(sides, cls) for prop, y in independent_bits(index, bool(all_parities)).items()}
         ds = TensorTaskDataset(x.contiguous(), targets)
         ds.source_indices = torch.from_numpy(pick.T.copy())  # (n, 2): left / right digit's row in mnist_5k
         datasets.append(ds)
     groups = [[n for n in names if n.startswith(side)] for side in sides]
     info = dict(n_train=sizes[0], n_val=sizes[1], n_test=sizes[2], image_size=image_size, offset=offset,
-                source_split=list(source_split), classes=list(INDEPENDENT_CLASSES), seed=int(seed),
+                source_split=list(source_split), classes=list(INDEPENDENT_CLASSES), all_parities=bool(all_parities),
+                seed=int(seed),
                 source=str(mnist_5k_path().name))
     return TaskData("multimnist_independent", [Task(n, "binary") for n in names], *datasets,
                     input_shape=(1, image_size, image_size), groups=groups, info=info)

@@ -71,7 +71,7 @@ OPTIONS: dict[str, Any] = dict(
     tau_schedule=None, tau_start=10.0, tau_end=0.01, tau_decay=0.9, s_lr=None, grad_scaling=None, hard=None,
     samples=None, entropy_weight=None, head_pruning=None, prune_threshold=0.02, prune_patience=2, warm_epochs=None,
     s_warmup_epochs=None, warmup=None,
-    affinity_batches=20, finetune_epochs=0, retrain=[],
+    affinity_batches=20, finetune_epochs=0, retrain=[], mates_weight=0.0, mates_every=10, mates_decay=0.9,
 )
 
 
@@ -103,6 +103,12 @@ def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"dmtg.samples must be >= 1, got {out['samples']!r}")
     if not 0 <= float(out["prune_threshold"]) < 1:
         raise ValueError(f"dmtg.prune_threshold must be in [0, 1), got {out['prune_threshold']!r}")
+    if not float(out["mates_weight"]) >= 0:
+        raise ValueError(f"dmtg.mates_weight must be >= 0, got {out['mates_weight']!r}")
+    if int(out["mates_every"]) < 1 or int(out["mates_every"]) != out["mates_every"]:
+        raise ValueError(f"dmtg.mates_every must be an integer >= 1, got {out['mates_every']!r}")
+    if not 0 <= float(out["mates_decay"]) < 1:
+        raise ValueError(f"dmtg.mates_decay must be in [0, 1), got {out['mates_decay']!r}")
     for init in out["retrain"]:
         if init not in ("scratch", "naive_mtl"):
             raise ValueError(f"dmtg.retrain entries must be 'scratch' or 'naive_mtl', got {init!r}")
@@ -255,6 +261,18 @@ class DMTGModel(nn.Module):
                                   col)
         return loss, feats
 
+    def branch_losses(self, k: int, f: Tensor, targets: dict[str, Tensor], tasks: list[Task]) -> tuple[list[int], Tensor]:
+        """(live task indices, their losses) of branch ``k``'s heads on its features ``f``, every head
+        attached to ``f`` (also those that :meth:`head_losses` runs as probes)."""
+        idx = self.live[k].nonzero().flatten().tolist()
+        if self.fused:
+            rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+            preds = list(F.linear(f, self.banks[k].weight[rows], self.banks[k].bias[rows])
+                         .split([self.out_sizes[i] for i in idx], dim=1))
+        else:
+            preds = [self.net.heads[k][i](f) for i in idx]
+        return idx, StackedTargets(tasks, targets).losses([tasks[i] for i in idx], preds, idx)
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         assign = self.assignment()
         preds, _ = self.forward_heads(x, [(k, t) for t, k in zip(self.task_names, assign)])
@@ -353,6 +371,52 @@ class DMTGObjective:
         self.opts = opts
         self.tau = self.tau_at(0)
         self.warming_up = int(opts["s_warmup_epochs"]) > 0
+        self.mates: Tensor | None = None  # K x N x N running cosines of the tasks' gradients on each branch
+        self.calls = self.measured = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mates": None if self.mates is None else self.mates.tolist(), "calls": self.calls,
+                "measured": self.measured}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mates = None if state.get("mates") is None else torch.tensor(state["mates"])
+        self.calls, self.measured = int(state.get("calls", 0)), int(state.get("measured", 0))
+
+    def measure_mates(self, model: DMTGModel, feats: dict[int, Tensor], targets: dict[str, Tensor]) -> None:
+        """Update the running cosine between every two tasks' gradients w.r.t. each branch's parameters
+        (Mao et al.'s gradient direction similarity, per branch): how much training task i on branch k
+        moves it the way branch k's other tasks need. Measured in the warm-up too (probes included), so
+        that the estimate has settled when S starts to learn."""
+        K, N = model.K, len(model.task_names)
+        if self.mates is None:
+            self.mates = torch.zeros(K, N, N)
+        self.measured += 1
+        decay = min(float(self.opts["mates_decay"]), 1 - 1 / self.measured)  # a plain mean until 1/(1-decay)
+        tasks = [self.tasks[t] for t in model.task_names]
+        for k, f in feats.items():
+            params = [p for p in model.net.branches[k].parameters() if p.requires_grad]
+            idx, losses = model.branch_losses(k, f, targets, tasks)
+            if len(idx) < 2 or not params:
+                continue
+            rows = []
+            for n in range(len(idx)):
+                g = torch.autograd.grad(losses[n], params, retain_graph=True, allow_unused=True)
+                rows.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
+                                       for gi, p in zip(g, params)]))
+            G = F.normalize(torch.stack(rows).detach().float(), dim=1).cpu()
+            sel = torch.tensor(idx)
+            block = self.mates[k][sel[:, None], sel[None, :]]
+            self.mates[k][sel[:, None], sel[None, :]] = decay * block + (1 - decay) * (G @ G.T)
+
+    def mates_loss(self, model: DMTGModel) -> Tensor | None:
+        """-weight * sum_ik p_ik A_ik with A_ik = sum_{j != i} p_jk cos_k(i, j) (A and p_jk held fixed): its
+        gradient moves S_i towards the branches whose current tasks' gradients agree with task i's."""
+        if self.mates is None or not float(self.opts["mates_weight"]):
+            return None
+        p = model.probabilities()  # N x K
+        mates = self.mates.to(p.device) * (1 - torch.eye(p.shape[0], device=p.device))  # K x N x N, no self term
+        pull = torch.einsum("kij,jk->ik", mates, p.detach())
+        return -float(self.opts["mates_weight"]) * (p * pull).sum()
 
     def tau_at(self, epoch: int) -> float:
         o = self.opts
@@ -391,6 +455,13 @@ class DMTGObjective:
             p = model.probabilities()
             ent = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1).mean()
             extra = float(self.opts["entropy_weight"]) * ent
+        if float(self.opts["mates_weight"]) and torch.is_grad_enabled():
+            if self.calls % int(self.opts["mates_every"]) == 0:
+                self.measure_mates(model, feats, targets)
+            self.calls += 1
+            pull = None if self.warming_up else self.mates_loss(model)
+            if pull is not None:
+                extra = pull if extra is None else extra + pull
         return StepOutput({t: per_task[i] for i, t in enumerate(names)}, feats, extra)
 
     @torch.no_grad()
