@@ -106,11 +106,11 @@ def summarise(results: dict) -> dict:
 
 def markdown(results: dict, summary: dict, tag: str) -> str:
     lines = ["# Does DMTG learn the grouping?", "",
-             "Written by `python benchmarks/bench_dmtg_learning.py`. Recovered = final grouping equals the known one; "
-             "loss = total test loss; moved = tasks whose branch (argmax S) at the end differs from the start (what S's "
-             "learning changed). DMTG options: " + tag, "",
-             "| preset | seeds | label_clusters recovered | DMTG from the recipe's own start: recovered / median ÷ oracle / moved | "
-             "wrong start | random start |", "|---|---|---|---|---|---|"]
+             "Written by `python benchmarks/bench_dmtg_learning.py`. Recovered = final grouping equals the known "
+             "one; loss = total test loss; moved = tasks whose branch (argmax S) at the end differs from the start "
+             "(what S's learning changed). DMTG options: " + tag, "",
+             "| preset | seeds | label_clusters recovered | DMTG from the recipe's own start: recovered / median "
+             "÷ oracle / moved | wrong start | random start |", "|---|---|---|---|---|---|"]
     for preset, row in summary.items():
         n = len(row["seeds"])
         cells = [f"{row[s]['recovered']}/{n} / {row[s]['median_over_oracle']:.3f} / {row[s]['moved_tasks_mean']:.1f}"

@@ -75,7 +75,8 @@ def test_multimnist_independent_labels_match_the_source_digits():
         assert digit.max() <= 7
         for b in range(3):
             assert np.array_equal(d.train.targets[f"{side}_bit{b}"].numpy(), (digit >> b) & 1)
-        assert np.array_equal(d.train.targets[f"{side}_parity"].numpy(), np.array([bin(v).count("1") % 2 for v in digit]))
+        parity = np.array([bin(v).count("1") % 2 for v in digit])
+        assert np.array_equal(d.train.targets[f"{side}_parity"].numpy(), parity)
     d = multimnist_independent(n_train=128, n_val=64, n_test=64, all_parities=True, seed=0)
     digit = labels[d.train.source_indices[:, 0].numpy()]
     assert np.array_equal(d.train.targets["left_x13"].numpy(), (digit & 1) ^ ((digit >> 2) & 1))

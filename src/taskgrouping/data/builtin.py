@@ -319,7 +319,8 @@ def multimnist_independent(n_train: int = 4096, n_val: int = 1024, n_test: int =
         left, right = digit_canvases(images, pick, offset)
         x = resize_canvas(torch.maximum(left, right) / 255.0, image_size)
         targets = {f"{side}_{prop}": torch.from_numpy(y.astype(np.int64))
-                   for side, index in zip(sides, cls) for prop, y in independent_bits(index, bool(all_parities)).items()}
+                   for side, index in zip(sides, cls)
+                   for prop, y in independent_bits(index, bool(all_parities)).items()}
         ds = TensorTaskDataset(x.contiguous(), targets)
         ds.source_indices = torch.from_numpy(pick.T.copy())  # (n, 2): left / right digit's row in mnist_5k
         datasets.append(ds)

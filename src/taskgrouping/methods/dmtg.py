@@ -13,6 +13,9 @@ pruned model (N heads) is the result: no retraining. Beyond the paper:
   ``prune_patience`` epochs (its row of S has converged), the others stop being computed (the paper
   computes all K*N heads every step and names this its limitation); a task still undecided keeps
   every head, so pruning does not end S's learning early;
+* ``mates_weight`` (opt-in): a pull of S_i towards the branches whose current tasks' gradients agree
+  with task i's (running per-branch gradient cosines), the effect of task i on its branch-mates that
+  S's own-loss gradient cannot see (measured recovery rates: benchmarks/results/dmtg_learning*.md);
 * a ``robust`` recipe (default): S initialised from a training-free prior, the clustering of the
   tasks' label correlations (:func:`label_affinity`, :func:`cluster_prior`), held fixed for the
   first ``s_warmup_epochs`` while the branches specialise, then learned with its own, faster
@@ -261,7 +264,8 @@ class DMTGModel(nn.Module):
                                   col)
         return loss, feats
 
-    def branch_losses(self, k: int, f: Tensor, targets: dict[str, Tensor], tasks: list[Task]) -> tuple[list[int], Tensor]:
+    def branch_losses(self, k: int, f: Tensor, targets: dict[str, Tensor],
+                      tasks: list[Task]) -> tuple[list[int], Tensor]:
         """(live task indices, their losses) of branch ``k``'s heads on its features ``f``, every head
         attached to ``f`` (also those that :meth:`head_losses` runs as probes)."""
         idx = self.live[k].nonzero().flatten().tolist()

@@ -1,9 +1,10 @@
 """``label_clusters``: the cheap, training-free grouping heuristic that DMTG must be reported beside.
 
 It groups tasks by average-linkage clustering (into K clusters) of the |Pearson r| between their
-training labels (scalar tasks, or per-pixel regression tasks correlated over samples and pixels), then trains that grouping exactly like ``fixed``. It needs no training to choose
-the groups, but it can only find groups whose *labels* are correlated: tasks that share features
-with uncorrelated labels look unrelated to it.
+training labels (scalar tasks, or per-pixel regression tasks correlated over samples and pixels), then
+trains that grouping exactly like ``fixed``. It needs no training to choose the groups, but it can only
+find groups whose *labels* are correlated: tasks that share features with uncorrelated labels look
+unrelated to it.
 """
 
 from __future__ import annotations
