@@ -17,6 +17,7 @@ the label heuristic; planted and multimnist are the earlier checks. Writes
 benchmarks/results/dmtg_learning.{json,md}.
 
     python benchmarks/bench_dmtg_learning.py [--presets a,b] [--seeds 0,1,2,3,4] [--options JSON] [--tag NAME]
+    python benchmarks/bench_dmtg_learning.py --cost   # step time of the mates pull (dmtg_learning_cost.*)
 """
 
 from __future__ import annotations
@@ -128,6 +129,35 @@ def markdown(results: dict, summary: dict, tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mates_cost(rounds: int = 15) -> list[dict]:
+    """Median step time (interleaved blocks of 10 steps, one thread) of naive MTL, DMTG's learning step and the same
+    with the mates pull measured every 5 / 10 steps, on the MultiMNIST CNN (N=8) and planted MLP (N=9)."""
+    from bench_dmtg import _models, _step_fn, _time
+
+    from taskgrouping.methods.dmtg import DMTGObjective, resolve_options
+    from taskgrouping.tasks import Task
+    from taskgrouping.trainer import TaskLossObjective
+
+    rows = []
+    for name, backbone, options, shape, N, kind, bs, K in (
+            ("multimnist-cnn", "small_cnn", {"channels": [16, 32], "feature_dim": 64}, (1, 28, 28), 8, "binary", 128, 2),
+            ("planted-mlp", "mlp", {"widths": [32, 8]}, (128,), 9, "regression", 64, 3)):
+        tasks = [Task(f"t{i}", kind) for i in range(N)]
+        x = torch.randn(bs, *shape)
+        y = {t.name: (torch.randint(0, 2, (bs,)) if kind == "binary" else torch.randn(bs, 1)) for t in tasks}
+        naive, dmtg = _models(tasks, shape, K, backbone, options, 0)
+        fns = {"naive": _step_fn(naive, TaskLossObjective(tasks), x, y)}
+        for label, extra in (("dmtg", {}), ("mates_every_10", {"mates_weight": 10, "mates_every": 10}),
+                             ("mates_every_5", {"mates_weight": 10, "mates_every": 5})):
+            objective = DMTGObjective(tasks, resolve_options(dict(extra, s_warmup_epochs=0)))
+            objective.on_epoch_start(0, dmtg)
+            fns[label] = _step_fn(dmtg, objective, x, y)
+        t = _time(fns, rounds, 10)  # blocks of 10 steps: each holds 1 or 2 measuring steps
+        rows.append({"setting": name, "K": K, "N": N, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                     **{f"{k}_over_K_plus_1_naive": v / ((K + 1) * t["naive"]) for k, v in t.items() if k != "naive"}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default=",".join(PRESETS))
@@ -136,8 +166,20 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result files (dmtg_learning_TAG.*)")
     ap.add_argument("--reuse-baselines", action="store_true",
                     help="take naive / STL / oracle / label_clusters from dmtg_learning.json instead of rerunning")
+    ap.add_argument("--cost", action="store_true", help="only the step-time part (dmtg_learning_cost.*)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.cost:
+        rows = mates_cost()
+        atomic_write_text(OUT / "dmtg_learning_cost.json", json.dumps(rows, indent=1))
+        keys = list(rows[0])
+        atomic_write_text(OUT / "dmtg_learning_cost.md", "# DMTG step time with the mates pull\n\n"
+                          "Median over interleaved blocks of 10 steps (so each includes the measuring steps), one thread; target <= (K + 1) x naive MTL.\n\n"
+                          + "| " + " | ".join(keys) + " |\n" + "|---" * len(keys) + "|\n"
+                          + "".join("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])
+                                                        for k in keys) + " |\n" for r in rows))
+        print(json.dumps(rows))
+        return
     stem = "dmtg_learning" + (f"_{args.tag}" if args.tag else "")
     path = OUT / f"{stem}.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
