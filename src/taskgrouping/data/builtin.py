@@ -98,12 +98,13 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
     for gi, size in enumerate(group_sizes):
         w = projections[gi]
         h = torch.tanh(2.0 * x @ w.T)
+        s = x @ w.T if independent_labels else None
         a_group = torch.randn(feature_dim, generator=g)
         members = []
         for j in range(size):
             e = torch.randn(feature_dim, generator=g)
             a = within_group_similarity ** 0.5 * a_group + (1 - within_group_similarity) ** 0.5 * e
-            y = _quadratic(x @ w.T, j) if independent_labels else h @ a / feature_dim ** 0.5
+            y = _quadratic(s, j) if independent_labels else h @ a / feature_dim ** 0.5
             y = y + noise * y.std() * torch.randn(n_all, generator=g)
             y = (y - y[:n_train].mean()) / y[:n_train].std()
             name = f"g{gi}_t{j}"
@@ -197,11 +198,14 @@ def paired_sources(n_images: int, source_split: Sequence[float], sizes: Sequence
     The source images are split into disjoint train / val / test pools *by index* first, then each
     split draws its pairs (with replacement) from its own pool only.
     """
-    perm = torch.randperm(n_images, generator=g).numpy()
-    cuts = np.cumsum([int(round(f * n_images)) for f in source_split[:2]])
-    pools = np.split(perm, cuts)
     return [torch.from_numpy(pool)[torch.randint(len(pool), (2, n), generator=g)].numpy()
-            for pool, n in zip(pools, sizes)]
+            for pool, n in zip(source_pools(n_images, source_split, g), sizes)]
+
+
+def source_pools(n_images: int, source_split: Sequence[float], g: torch.Generator) -> list[np.ndarray]:
+    """The source rows split at random into disjoint train / val / test pools (fractions ``source_split``)."""
+    perm = torch.randperm(n_images, generator=g).numpy()
+    return np.split(perm, np.cumsum([int(round(f * n_images)) for f in source_split[:2]]))
 
 
 def digit_canvases(images: np.ndarray, pick: np.ndarray, offset: int) -> tuple[Tensor, Tensor]:
@@ -303,8 +307,7 @@ def multimnist_independent(n_train: int = 4096, n_val: int = 1024, n_test: int =
                          f"(each split holds all 64 class pairs equally often), got {[n_train, n_val, n_test]}")
     images, labels = load_mnist_5k()
     g = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(len(labels), generator=g).numpy()
-    pools = np.split(perm, np.cumsum([int(round(f * len(labels))) for f in source_split[:2]]))
+    pools = source_pools(len(labels), source_split, g)
     sides = ("left", "right")
     names = [f"{side}_{prop}" for side in sides
              for prop in independent_bits(np.zeros(1, dtype=np.int64), bool(all_parities))]

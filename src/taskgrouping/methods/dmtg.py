@@ -245,37 +245,35 @@ class DMTGModel(nn.Module):
             feats[k] = f
             fh = scale_grad(f, self.head_scale)
             probes = set() if assign is None else {j for j, i in enumerate(idx) if assign[i] != k}
-            if self.fused:
-                bank = self.banks[k]
-                weight, bias = bank.weight, bank.bias
-                if len(idx) < N:
-                    rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
-                    weight, bias = weight[rows], bias[rows]
-                sizes = [self.out_sizes[i] for i in idx]
-                preds = list(F.linear(fh, weight, bias).split(sizes, dim=1))
-                if probes:
-                    detached = F.linear(fh.detach(), weight, bias).split(sizes, dim=1)
-                    for j in probes:
-                        preds[j] = detached[j]
-            else:  # every branch holds all heads in task order
-                preds = [self.net.heads[k][i](fh.detach() if j in probes else fh) for j, i in enumerate(idx)]
+            preds = self._head_preds(k, fh, idx, probes)
             col = stacked.losses([tasks[i] for i in idx], preds, idx)
             loss = loss.index_put((torch.tensor(idx, device=x.device), torch.full((len(idx),), k, device=x.device)),
                                   col)
         return loss, feats
+
+    def _head_preds(self, k: int, f: Tensor, idx: list[int], probes: set[int] = frozenset()) -> list[Tensor]:
+        """Predictions of branch ``k``'s heads ``idx`` on its features ``f``; the heads at positions ``probes``
+        see ``f`` detached (their losses train the head, not the branch)."""
+        if not self.fused:  # every branch holds all heads in task order
+            return [self.net.heads[k][i](f.detach() if j in probes else f) for j, i in enumerate(idx)]
+        weight, bias = self.banks[k].weight, self.banks[k].bias
+        if len(idx) < len(self.task_names):
+            rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+            weight, bias = weight[rows], bias[rows]
+        sizes = [self.out_sizes[i] for i in idx]
+        preds = list(F.linear(f, weight, bias).split(sizes, dim=1))
+        if probes:
+            detached = F.linear(f.detach(), weight, bias).split(sizes, dim=1)
+            for j in probes:
+                preds[j] = detached[j]
+        return preds
 
     def branch_losses(self, k: int, f: Tensor, targets: dict[str, Tensor],
                       tasks: list[Task]) -> tuple[list[int], Tensor]:
         """(live task indices, their losses) of branch ``k``'s heads on its features ``f``, every head
         attached to ``f`` (also those that :meth:`head_losses` runs as probes)."""
         idx = self.live[k].nonzero().flatten().tolist()
-        if self.fused:
-            rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
-            preds = list(F.linear(f, self.banks[k].weight[rows], self.banks[k].bias[rows])
-                         .split([self.out_sizes[i] for i in idx], dim=1))
-        else:
-            preds = [self.net.heads[k][i](f) for i in idx]
-        return idx, StackedTargets(tasks, targets).losses([tasks[i] for i in idx], preds, idx)
+        return idx, StackedTargets(tasks, targets).losses([tasks[i] for i in idx], self._head_preds(k, f, idx), idx)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         assign = self.assignment()
