@@ -41,7 +41,9 @@ from taskgrouping.methods.base import MethodContext, available_methods
 from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, resolve_options
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TaskLossObjective, TrainConfig, atomic_write_text, make_optimizer
+from taskgrouping.engine.hooks import TaskLossObjective
+from taskgrouping.engine.trainer import TrainConfig, make_optimizer
+from taskgrouping.io import atomic_write_text
 
 OUT = Path(__file__).resolve().parent / "results"
 DMTG_OPTIONS: dict = {}  # --options: DMTG options for the quality parts (heads, planted, configs, multimnist_k)

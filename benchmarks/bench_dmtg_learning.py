@@ -33,7 +33,8 @@ import torch
 from taskgrouping.config import build_config
 from taskgrouping.experiment import prepare_data
 from taskgrouping.methods.base import MethodContext, available_methods
-from taskgrouping.trainer import TrainConfig, atomic_write_text
+from taskgrouping.engine.trainer import TrainConfig
+from taskgrouping.io import atomic_write_text
 
 OUT = Path(__file__).resolve().parent / "results"
 PRESETS = ("planted_independent", "multimnist_independent", "multimnist_dense", "multimnist", "planted")
@@ -136,7 +137,7 @@ def mates_cost(rounds: int = 15) -> list[dict]:
 
     from taskgrouping.methods.dmtg import DMTGObjective, resolve_options
     from taskgrouping.tasks import Task
-    from taskgrouping.trainer import TaskLossObjective
+    from taskgrouping.engine.hooks import TaskLossObjective
 
     rows = []
     for name, backbone, options, shape, N, kind, bs, K in (

@@ -5,7 +5,8 @@ from torch import nn
 from taskgrouping.data.base import TensorTaskDataset, make_loader
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TrainConfig, evaluate, train
+from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.trainer import TrainConfig, train
 
 torch.manual_seed(0)
 x = torch.randn(600, 20)

@@ -26,7 +26,7 @@ def run_preset(preset: str, methods: tuple[str, ...], seed: int = 0, options: di
     from taskgrouping.config import build_config
     from taskgrouping.experiment import prepare_data
     from taskgrouping.methods.base import MethodContext, available_methods
-    from taskgrouping.trainer import TrainConfig
+    from taskgrouping.engine.trainer import TrainConfig
 
     cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false"])
     data = prepare_data(cfg)

@@ -24,10 +24,11 @@ from taskgrouping.experiment import run_experiment
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext
 from taskgrouping.methods.cross_stitch import CrossStitchObjective, CrossStitchUnit, build_cross_stitch, stitch_init
-from taskgrouping.methods.grouped import build_model
+
 from taskgrouping.methods.mtan import build_mtan
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TaskLossObjective, TrainConfig, train
+from taskgrouping.engine.hooks import TaskLossObjective
+from taskgrouping.engine.trainer import TrainConfig, train
 
 BACKBONES = {  # name -> (input shape, options); small enough to build in milliseconds
     "mlp": ((12,), {"widths": [10, 6]}),
@@ -79,7 +80,7 @@ def test_stitch_unit_hand_computed_mix():
 def test_identity_cross_stitch_equals_independent_single_task_networks(backbone, shared_blocks):
     ctx = _context(backbone, shared_blocks)
     names = ctx.data.task_names
-    stl = build_model(ctx, Grouping.partition([[t] for t in names]))  # what method single_task trains
+    stl = ctx.build_model(Grouping.partition([[t] for t in names]))  # what method single_task trains
     cs = build_cross_stitch(ctx, init_self=1.0)
     for u in cs.stitches:
         assert torch.equal(u.alpha, torch.eye(3).unsqueeze(-1).expand_as(u.alpha))
@@ -136,7 +137,7 @@ def _force_attention_to_one(net) -> None:
                                                     ("tag_resnet", 0), ("vit", 1)])
 def test_mtan_with_attention_one_is_the_shared_backbone(backbone, shared_blocks):
     ctx = _context(backbone, shared_blocks)
-    naive = build_model(ctx, Grouping.partition([ctx.data.task_names]))  # what method naive_mtl trains
+    naive = ctx.build_model(Grouping.partition([ctx.data.task_names]))  # what method naive_mtl trains
     net = build_mtan(ctx)
     _force_attention_to_one(net)
     x, _ = _batch(ctx)

@@ -274,7 +274,7 @@ def _trainer_setup():
 
 @pytest.mark.parametrize("level", ["param", "feature"])
 def test_callback_in_the_trainer_leaves_training_identical(level):
-    from taskgrouping.trainer import TrainConfig, train
+    from taskgrouping.engine.trainer import TrainConfig, train
 
     model, tasks, tr, va = _trainer_setup()
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, progress=False, device="cpu", select="last")
@@ -298,7 +298,7 @@ def test_callback_in_the_trainer_leaves_training_identical(level):
 
 
 def test_on_step_reads_the_trainer_output_and_model():
-    from taskgrouping.trainer import TaskLossObjective
+    from taskgrouping.engine.hooks import TaskLossObjective
 
     model, tasks, tr, _ = _trainer_setup()
     x, targets = next(iter(tr))
@@ -411,7 +411,7 @@ def test_diagnose_after_the_training_backward_names_the_task():
 
 
 def test_callback_config_errors_and_state_roundtrip():
-    from taskgrouping.trainer import StepOutput
+    from taskgrouping.engine.hooks import StepOutput
 
     with pytest.raises(ValueError, match="every"):
         DiagnosticsCallback(every=0)

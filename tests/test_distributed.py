@@ -8,17 +8,19 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from taskgrouping.data.registry import load_dataset
-from taskgrouping.distributed import (JobContext, TrainingJob, assemble_networks, run_jobs, train_job,
+from taskgrouping.engine.fit import RunContext
+from taskgrouping.engine.jobs import (TrainingJob, assemble_networks, run_jobs, train_job,
                                       trained_model)
 from taskgrouping.grouping.grouping import Grouping
-from taskgrouping.trainer import TrainConfig, evaluate
+from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.trainer import TrainConfig
 from taskgrouping.data.base import make_loader
 
 
 @pytest.fixture(scope="module")
-def ctx() -> JobContext:
+def ctx() -> RunContext:
     data = load_dataset("digits", seed=0)
-    return JobContext(data, seed=3, train=TrainConfig(epochs=2, batch_size=128, lr=3e-3, progress=False),
+    return RunContext(data, seed=3, train=TrainConfig(epochs=2, batch_size=128, lr=3e-3, progress=False),
                       model={"backbone": "mlp", "options": {"widths": [16, 8]}, "shared_blocks": 0},
                       balancer={"name": "ew", "options": {}})
 

@@ -13,7 +13,7 @@ from taskgrouping.methods.base import MethodContext
 from taskgrouping.methods.dmtg import (DMTGModel, DMTGObjective, cluster_prior, dmtg, label_affinity,
                                        resolve_options, scale_grad)
 from taskgrouping.models.branched import build_branched_model, load_branched, save_branched
-from taskgrouping.trainer import TrainConfig
+from taskgrouping.engine.trainer import TrainConfig
 
 
 def _data():
@@ -214,7 +214,7 @@ def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
     Gumbel weights of other groups ~1e-13; S frozen; no pruning) its one-shot result is therefore that
     grouping trained from scratch: same selected epoch, same test losses. So on planted, DMTG vs the
     oracle measures what S's learning costs or gains, not initialisation luck."""
-    from taskgrouping.methods.grouped import fit_grouping
+    from taskgrouping.methods.baselines import fit_grouping
 
     data = _data()
     grouping = Grouping.partition([list(g) for g in data.groups])

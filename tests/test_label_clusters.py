@@ -18,7 +18,7 @@ from taskgrouping.data.builtin import planted
 from taskgrouping.methods.base import MethodContext, available_methods
 from taskgrouping.methods.label_clusters import label_groups
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TrainConfig
+from taskgrouping.engine.trainer import TrainConfig
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,9 @@ import torch
 from taskgrouping.data.base import make_loader
 from taskgrouping.data.builtin import planted
 from taskgrouping.models.branched import build_branched_model
-from taskgrouping.trainer import CheckpointError, TrainConfig, TrainingDiverged, evaluate, train
+from taskgrouping.engine.checkpoint import CheckpointError
+from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.trainer import TrainConfig, TrainingDiverged, train
 
 
 def _setup(seed=0):

@@ -23,11 +23,11 @@ from taskgrouping.data.base import TaskData, TensorTaskDataset
 from taskgrouping.experiment import prepare_data, run_experiment
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext
-from taskgrouping.methods.grouped import fit_grouping
+from taskgrouping.methods.baselines import fit_grouping
 from taskgrouping.methods.standley import half_size_options, hoa, optimal
 from taskgrouping.methods.tag import tag
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TrainConfig
+from taskgrouping.engine.trainer import TrainConfig
 
 TINY = ["data.name=planted", "data.n_tasks=4", "data.group_sizes=[2,2]", "data.input_dim=8", "data.feature_dim=4",
         "data.n_train=256", "data.n_val=128", "data.n_test=128", "model.backbone=mlp", "model.options.widths=[8,4]",

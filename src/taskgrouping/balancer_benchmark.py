@@ -59,7 +59,9 @@ from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext
 from taskgrouping.metrics import delta_mtl, mean_rank
 from taskgrouping.tasks import HIGHER_IS_BETTER
-from taskgrouping.trainer import TaskLossObjective, TrainConfig, atomic_write_text
+from taskgrouping.engine.hooks import TaskLossObjective
+from taskgrouping.engine.trainer import TrainConfig
+from taskgrouping.io import atomic_write_text
 
 LEVELS = ("param", "feature")
 BASELINE = "ew@param"
@@ -125,9 +127,9 @@ def plan_runs(balancers: Sequence[str], levels: Sequence[str], tasks: Sequence[s
 
 def naive_mtl_network(ctx: MethodContext) -> nn.Module:
     """The default network: naive MTL (one branch, all heads), as method ``naive_mtl`` builds it."""
-    from taskgrouping.methods.grouped import build_model
 
-    return build_model(ctx, Grouping.partition([ctx.data.task_names]))
+
+    return ctx.build_model(Grouping.partition([ctx.data.task_names]))
 
 
 def check_model_fits(model: nn.Module, ctx: MethodContext, runs: Sequence[dict[str, Any]],
@@ -214,7 +216,7 @@ def run_benchmark(config: Mapping[str, Any], balancers: Sequence[str], levels: S
     """
     from taskgrouping.config import DEFAULTS, ConfigError, merge, validate
     from taskgrouping.experiment import prepare_data
-    from taskgrouping.methods.grouped import fit_model, single_task
+    from taskgrouping.methods.baselines import single_task
 
     names, levels, seeds = _check_args(balancers, levels, seeds, diagnostics_every, diagnostics_level)
     cfg = merge(DEFAULTS, dict(config))
@@ -258,7 +260,7 @@ def run_benchmark(config: Mapping[str, Any], balancers: Sequence[str], levels: S
             cb = DiagnosticsCallback(diagnostics_every, diagnostics_level)
             torch.manual_seed(seed)
             model = build(ctx)
-            result, val, test = fit_model(ctx, model, run["id"], callbacks=[cb])
+            result, val, test = ctx.fit(model, run["id"], callbacks=[cb])
             losses = [v for h in result.history for v in h["train_loss"].values()]
             seed_rec["runs"][run["id"]] = {
                 "per_task": test, "val_per_task": val, "delta_mtl": delta_mtl(test, stl.per_task, primary),

@@ -27,7 +27,8 @@ def _fail(exc: BaseException) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from taskgrouping.trainer import CheckpointError, TrainingDiverged
+    from taskgrouping.engine.checkpoint import CheckpointError
+    from taskgrouping.engine.trainer import TrainingDiverged
 
     return USER_ERRORS + (TrainingDiverged, CheckpointError)
 
@@ -85,7 +86,7 @@ def methods() -> None:
 
     for name, fn in sorted(available_methods().items()):
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        opts = ", ".join(f"{k}={v!r}" for k, v in METHOD_OPTIONS[name].items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in METHOD_OPTIONS[name].defaults().items())
         typer.echo(f"{name}: {doc}" + (f"  [options: {opts}]" if opts else ""))
 
 

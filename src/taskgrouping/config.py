@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from taskgrouping.trainer import TrainConfig
+from taskgrouping.engine.trainer import TrainConfig
 
 DEFAULTS: dict[str, Any] = {
     "name": "experiment",
@@ -121,7 +121,7 @@ def build_config(path: str | Path | None = None, preset: str | None = None,
 
 def validate(config: dict[str, Any]) -> None:
     """Check every key and the types that can be checked without loading data."""
-    from taskgrouping.methods.base import METHOD_OPTIONS, available_methods
+    from taskgrouping.methods.base import available_methods, method_options
 
     methods = available_methods()
     allowed = set(DEFAULTS) | set(methods)
@@ -150,10 +150,12 @@ def validate(config: dict[str, Any]) -> None:
             continue
         if not isinstance(section, dict):
             raise ConfigError(f"{m} must be a mapping of options, got {section!r}")
-        for k in section:
-            if k not in METHOD_OPTIONS[m]:
-                raise ConfigError(f"unknown config key {m}.{k!s}; expected one of "
-                                  f"{sorted(f'{m}.{o}' for o in METHOD_OPTIONS[m]) or 'none'}")
+    for m in methods:  # every method's options, values included, before anything trains
+        if m in ms or config.get(m) is not None:
+            try:
+                method_options(m, config.get(m))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     data = config["data"]
     if not isinstance(data, dict) or not data.get("name"):
         raise ConfigError("data.name is required (e.g. planted, multimnist, npz)")

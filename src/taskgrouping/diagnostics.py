@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from taskgrouping.balancing.jacobian import feature_taps
+from taskgrouping.engine.hooks import CallbackBase
 
 MEASURES: tuple[str, ...] = ("gds", "gms", "fd")
 _LABELS = {
@@ -467,10 +468,10 @@ def diagnose(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] | Non
 
 # -- training callback ----------------------------------------------------------------------------
 
-class DiagnosticsCallback:
+class DiagnosticsCallback(CallbackBase):
     """Logs GDS / GMS / FD every ``every`` steps during training, without changing the run.
 
-    Follows the trainer's callback protocol (:func:`taskgrouping.trainer.train`): the trainer calls
+    Follows the trainer's callback protocol (:func:`taskgrouping.engine.trainer.train`): the trainer calls
     ``on_step(step, output, model, batch)`` after the forward pass and *before* the step's backward
     pass, while the graph still exists. The losses are ``output.losses``, the shared parameters
     ``model.shared_parameters()`` (needed at ``level="param"`` for GDS/GMS) and the features the

@@ -27,7 +27,8 @@ from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, available_methods
 from taskgrouping.metrics import delta_mtl, mean_rank, norm_gain, summary_convention, total
 from taskgrouping.report import results_table
-from taskgrouping.trainer import TrainConfig, atomic_write_text
+from taskgrouping.engine.trainer import TrainConfig
+from taskgrouping.io import atomic_write_text
 
 
 def versions() -> dict[str, str]:
@@ -151,11 +152,11 @@ def _save_model(path: Path, model: torch.nn.Module) -> None:
 
 def _restore_naive(ctx: MethodContext, out: Path, record: dict[str, Any]) -> None:
     """Put the finished naive-MTL model back in the cache so warm starts after a resume reuse it."""
-    from taskgrouping.methods.grouped import build_model
+
 
     weights = out / "models" / "naive_mtl.safetensors"
     if weights.is_file():
-        model = build_model(ctx, Grouping.from_json({"groups": record["grouping"], "serves": record["serves"]}))
+        model = ctx.build_model(Grouping.from_json({"groups": record["grouping"], "serves": record["serves"]}))
         model.load_state_dict(load_file(str(weights)))
         ctx.cache["naive_mtl_model"] = model
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TypeVar
 
 from torch import nn
 from torch.utils.data import DataLoader
 
 from taskgrouping.data.base import TaskData, make_loader
+from taskgrouping.engine.fit import Fitted, RunContext, build_model, fit
 from taskgrouping.grouping.grouping import Grouping
-from taskgrouping.trainer import TrainConfig
+from taskgrouping.methods.options import MethodOptions
+from taskgrouping.models.branched import BranchedModel
+from taskgrouping.engine.trainer import TrainConfig
+
+O = TypeVar("O", bound=MethodOptions)
 
 
 @dataclass
@@ -46,11 +51,31 @@ class MethodContext:
         return (make_loader(self.data.train, bs, shuffle=True), make_loader(self.data.val, bs, shuffle=False),
                 make_loader(self.data.test, bs, shuffle=False))
 
+    @property
+    def run(self) -> RunContext:
+        """What every network of this run shares (see :class:`~taskgrouping.engine.fit.RunContext`)."""
+        return RunContext(self.data, self.seed, self.train, dict(self.model), dict(self.balancer),
+                          dict(self.diagnostics))
+
+    def build_model(self, grouping: Grouping) -> BranchedModel:
+        """A freshly initialised branched model for ``grouping`` (:func:`~taskgrouping.engine.fit.build_model`)."""
+        return build_model(self.run, grouping)
+
+    def fit(self, model: nn.Module, tag: str, score_test: bool = True, **train_kw: Any) -> Fitted:
+        """Train ``model`` as network ``tag`` of this method (checkpoints under ``tag``, log records and
+        the progress bar named after it) through :func:`~taskgrouping.engine.fit.fit`."""
+        return fit(self.run, model, tag=tag, checkpoint_dir=self.checkpoint_dir(tag), resume=self.resume,
+                   log=self.log, score_test=score_test, desc=f"{self.name}:{tag}", **train_kw)
+
     def checkpoint_dir(self, tag: str) -> Path | None:
         return None if self.workdir is None else self.workdir / tag
 
-    def option(self, key: str, default: Any) -> Any:
+    def option(self, key: str, default: Any) -> Any:  # TRANSITIONAL
         return self.options.get(key, default)
+
+    def opts(self, cls: type[O]) -> O:
+        """This method's options as the dataclass ``cls`` (checked; defaults filled in)."""
+        return cls.from_section(self.name, self.options)
 
 
 @dataclass
@@ -79,21 +104,33 @@ class MethodResult:
 MethodFn = Callable[[MethodContext], MethodResult]
 METHODS: dict[str, MethodFn] = {}
 #: option keys each method accepts (validated against the config's method section)
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {}
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {}
 
 
-def register_method(name: str, options: dict[str, Any] | None = None) -> Callable[[MethodFn], MethodFn]:
-    """Decorator adding a method and the defaults of its options."""
+def register_method(name: str, options: type[MethodOptions] = MethodOptions) -> Callable[[MethodFn], MethodFn]:
+    """Decorator adding a method and the dataclass of its options."""
 
     def deco(fn: MethodFn) -> MethodFn:
         METHODS[name] = fn
-        METHOD_OPTIONS[name] = dict(options or {})
+        if isinstance(options, dict):  # TRANSITIONAL: until every method has its dataclass
+            import dataclasses
+            METHOD_OPTIONS[name] = dataclasses.make_dataclass(
+                f"{name}_options", [(k, Any, dataclasses.field(default_factory=lambda v=v: v) if isinstance(v, (list, dict))
+                                       else dataclasses.field(default=v)) for k, v in options.items()],
+                bases=(MethodOptions,), frozen=True)
+            return fn
+        METHOD_OPTIONS[name] = options
         return fn
 
     return deco
 
 
-_MODULES = ("grouped", "dmtg", "standley", "tag", "mtg_net", "interrogate", "cross_stitch", "mtan",
+def method_options(name: str, section: Mapping[str, Any] | None) -> MethodOptions:
+    """The options of method ``name`` from its config section (:class:`OptionError` on a bad key or value)."""
+    return METHOD_OPTIONS[name].from_section(name, section)
+
+
+_MODULES = ("baselines", "dmtg", "standley", "tag", "mtg_net", "interrogate", "cross_stitch", "mtan",
             "label_clusters")
 
 

@@ -4,7 +4,7 @@ that mix the tasks' same-layer activations.
 Architecture (over any registered backbone, i.e. an ``nn.Sequential`` of blocks): the first
 ``model.shared_blocks`` blocks form a stem shared by all tasks (0 by default); the remaining blocks
 are copied once per task (a *column*, built exactly like the single-task networks of
-:mod:`taskgrouping.methods.grouped`, from the same seed). After every column block ``b`` a
+:mod:`taskgrouping.methods.baselines`, from the same seed). After every column block ``b`` a
 cross-stitch unit replaces the T activations ``x_1..x_T`` by
 
     x~_i = sum_j alpha^b_ij x_j                                                   (Misra et al., Eq. 1)
@@ -45,10 +45,10 @@ from torch import Tensor, nn
 
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
-from taskgrouping.methods.grouped import build_model, fit_model
+
 from taskgrouping.models.branched import BranchedModel, HeadKey
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TaskLossObjective
+from taskgrouping.engine.hooks import TaskLossObjective
 
 DEFAULT_OPTIONS: dict[str, Any] = {"init_self": 0.9, "granularity": "channel", "stitch_lr_scale": 1.0}
 GRANULARITIES = ("channel", "layer")
@@ -225,7 +225,7 @@ def build_cross_stitch(ctx: MethodContext, init_self: float = 0.9, granularity: 
     """A cross-stitch network whose stem, columns and heads are the run's single-task model (same
     seed, so the same initial weights as ``single_task``), plus fresh units."""
     names = ctx.data.task_names
-    stl: BranchedModel = build_model(ctx, Grouping.partition([[t] for t in names]))
+    stl: BranchedModel = ctx.build_model(Grouping.partition([[t] for t in names]))
     heads = {t: stl.head(stl.serves[t], t) for t in names}
     return CrossStitchNetwork(stl.stem, [stl.branches[stl.serves[t]] for t in names], heads, ctx.data.input_shape,
                               init_self=init_self, granularity=granularity)
@@ -263,7 +263,7 @@ def cross_stitch(ctx: MethodContext) -> MethodResult:
     opts = parse_options(ctx.options)
     model = build_cross_stitch(ctx, opts["init_self"], opts["granularity"])
     objective = CrossStitchObjective(ctx.data.tasks, ctx.train.lr, opts["stitch_lr_scale"])
-    result, val, test = fit_model(ctx, model, "cross_stitch", objective=objective)
+    result, val, test = ctx.fit(model, "cross_stitch", objective=objective)
     net: CrossStitchNetwork = result.model
     extra = {
         "note": NOT_A_GROUPING,

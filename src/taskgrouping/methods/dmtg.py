@@ -47,10 +47,11 @@ from torch import Tensor, nn
 
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
-from taskgrouping.methods.grouped import build_model, fit_grouping, fit_model, naive_mtl_model
+from taskgrouping.methods.baselines import fit_grouping, naive_mtl_model
 from taskgrouping.models.branched import BranchedModel, HeadKey
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import StepOutput, evaluate
+from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.hooks import ObjectiveBase, StepOutput
 
 RECIPES: dict[str, dict[str, Any]] = {
     # The paper's text: branches start from naive-MTL weights copied K times, S uniform, tau constant,
@@ -361,7 +362,7 @@ class StackedTargets:
         return torch.stack(out)  # type: ignore[arg-type]
 
 
-class DMTGObjective:
+class DMTGObjective(ObjectiveBase):
     """Per-step loss of DMTG (Eq. 5): each task's loss is sum_k Z_ik L_ik with Z ~ Gumbel-softmax(S, tau).
 
     ``samples > 1`` averages that over several Gumbel draws of the same step (heads are computed
@@ -628,7 +629,7 @@ def start_from_initial_grouping(ctx: MethodContext, net: BranchedModel, s0: Tens
     assign = s0.argmax(dim=1).tolist()
     names = ctx.data.task_names
     used = sorted(set(assign))
-    grouped = build_model(ctx, Grouping.partition([[t for t, k in zip(names, assign) if k == g] for g in used]))
+    grouped = ctx.build_model(Grouping.partition([[t for t, k in zip(names, assign) if k == g] for g in used]))
     net.stem.load_state_dict(grouped.stem.state_dict())
     for j, g in enumerate(used):
         net.branches[g].load_state_dict(grouped.branches[j].state_dict())
@@ -647,14 +648,14 @@ def dmtg(ctx: MethodContext) -> MethodResult:
         raise ValueError(f"dmtg needs 1 <= K <= number of tasks ({N}), got K={K}")
     warm, warm_seconds = warm_start_model(ctx, opts)
     s0, affinity = initial_s(ctx, opts, warm)
-    net = build_model(ctx, Grouping((tuple(ctx.data.task_names),) * K, {t: 0 for t in ctx.data.task_names}))
+    net = ctx.build_model(Grouping((tuple(ctx.data.task_names),) * K, {t: 0 for t in ctx.data.task_names}))
     if warm is not None:
         net.load_from_single_branch(warm)
     else:
         start_from_initial_grouping(ctx, net, s0)
     model = DMTGModel(net, ctx.data.task_names, s0, opts["grad_scaling"])
     objective = DMTGObjective(ctx.data.tasks, opts)
-    result, _, _ = fit_model(ctx, model, "dmtg", score_test=False, objective=objective)
+    result, _, _ = ctx.fit(model, "dmtg", score_test=False, objective=objective)
     model = result.model
     grouping = model.grouping()
     pruned = model.pruned()
@@ -665,7 +666,7 @@ def dmtg(ctx: MethodContext) -> MethodResult:
         from dataclasses import replace
 
         ft_ctx = replace(ctx, train=replace(ctx.train, epochs=int(opts["finetune_epochs"])))
-        ft, _, _ = fit_model(ft_ctx, pruned, "dmtg_finetune", score_test=False)
+        ft, _, _ = ft_ctx.fit(pruned, "dmtg_finetune", score_test=False)
         pruned = ft.model
         seconds += ft.train_seconds
     val = evaluate(pruned, val_loader, ctx.data.tasks)

@@ -25,7 +25,7 @@ accuracy for FLOPs depends on the network and the run length: on MultiMNIST λ_s
 range {1,...,10}·10⁻² prunes little and the trade-off spans roughly λ_s ∈ [0.3, 30].
 With ``init: baselines`` each task branch starts from the run's single-task network and the
 shared branch (and the ungated stem, if ``model.shared_blocks`` > 0) from the naive-MTL network,
-both trained by :mod:`taskgrouping.methods.grouped` with the same backbone; the heads come from
+both trained by :mod:`taskgrouping.methods.baselines` with the same backbone; the heads come from
 the single-task networks and the gates start task-specific (``gate_init`` > 0), so training
 starts from the STL solution. After training the network is compiled to a static pruned network
 (:meth:`~taskgrouping.models.gated.GatedNetwork.compile`), which is the method's model.
@@ -50,12 +50,13 @@ from torch import Tensor, nn
 
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
-from taskgrouping.methods.grouped import build_model, fit_grouping, fit_model, naive_mtl_model
+from taskgrouping.methods.baselines import fit_grouping, naive_mtl_model
 from taskgrouping.models.branched import BranchedModel
 from taskgrouping.models.gated import (GatedNetwork, build_gated_network, count_flops, count_parameters,
                                        save_compiled)
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import StepOutput, evaluate
+from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.hooks import ObjectiveBase, StepOutput
 
 #: Defaults (see the module docstring for why the gates' optimiser is not the paper's SGD 0.1).
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -192,7 +193,7 @@ def make_gate_optimizer(params: Iterable[nn.Parameter], kind: str, lr: float) ->
     raise ValueError(f"gate_optimizer must be one of {list(GATE_OPTIMIZERS)}, got {kind!r}")
 
 
-class InterroGateObjective:
+class InterroGateObjective(ObjectiveBase):
     """The trainer's step for InterroGate (see the module docstring for the loss).
 
     The returned ``losses`` are the weighted task losses ``ω_t L_t`` (the balancer combines them);
@@ -288,7 +289,7 @@ def build_interrogate_model(ctx: MethodContext, options: InterroGateOptions) -> 
         heads = {t: stl.head(stl.serves[t], t) for t in names}
     else:
         groups = [(t,) for t in names] + [tuple(names)]
-        fresh = build_model(ctx, Grouping(tuple(groups), {t: i for i, t in enumerate(names)}))
+        fresh = ctx.build_model(Grouping(tuple(groups), {t: i for i, t in enumerate(names)}))
         shared, stem, seconds = fresh.branches[len(names)], fresh.stem, 0.0
         tasks = {t: fresh.branches[i] for i, t in enumerate(names)}
         heads = {t: fresh.head(i, t) for i, t in enumerate(names)}
@@ -301,10 +302,10 @@ def reference_flops(ctx: MethodContext) -> dict[str, int]:
     shape = ctx.data.input_shape
     stl = ctx.cache.get("single_task_model")
     if stl is None:
-        stl = build_model(ctx, Grouping.partition([[t] for t in names]))
+        stl = ctx.build_model(Grouping.partition([[t] for t in names]))
     mtl = ctx.cache.get("naive_mtl_model")
     if mtl is None:
-        mtl = build_model(ctx, Grouping.partition([names]))
+        mtl = ctx.build_model(Grouping.partition([names]))
     return {"single_task": count_flops(stl, shape), "naive_mtl": count_flops(mtl, shape)}
 
 
@@ -331,7 +332,7 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     epochs = ctx.options.get("epochs") or ctx.train.epochs
     gated_ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, select="last", early_stopping=0,
                                                                    epochs=int(epochs)))
-    result, val, _ = fit_model(gated_ctx, model, "interrogate", score_test=False, objective=objective)
+    result, val, _ = gated_ctx.fit(model, "interrogate", score_test=False, objective=objective)
     gated: GatedNetwork = result.model
     compiled = gated.compile().eval()
     device = next(gated.parameters()).device
@@ -414,7 +415,7 @@ def interrogate_sweep(config: Mapping[str, Any], lambdas: Sequence[float] = DEFA
     from taskgrouping.experiment import prepare_data
     from taskgrouping.methods.base import METHODS
     from taskgrouping.metrics import delta_mtl
-    from taskgrouping.trainer import TrainConfig
+    from taskgrouping.engine.trainer import TrainConfig
 
     lambdas, seeds = _check_sweep_args(lambdas, seeds)
     cfg = merge(DEFAULTS, dict(config))
@@ -491,7 +492,7 @@ def interrogate_sweep_cli(config: Mapping[str, Any], lambdas: Sequence[float], s
 
 
 def atomic_json(path: Path, obj: Any) -> None:
-    from taskgrouping.trainer import atomic_write_text
+    from taskgrouping.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=1, default=float))
 

@@ -13,7 +13,7 @@ from taskgrouping.data.base import make_loader
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.dmtg import cluster_prior, label_affinity
-from taskgrouping.methods.grouped import fit_grouping
+from taskgrouping.methods.baselines import fit_grouping
 
 
 def label_groups(ctx: MethodContext) -> tuple[list[list[str]], list[list[float]]]:

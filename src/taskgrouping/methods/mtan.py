@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.cross_stitch import block_output_shapes, channel_axis, sequential_blocks
-from taskgrouping.methods.grouped import build_model, fit_model
+
 from taskgrouping.models.branched import BranchedModel, HeadKey
 
 NOT_A_GROUPING = ("MTAN is not a grouping method: every task reads one shared network through its own attention "
@@ -191,7 +191,7 @@ class MTANNetwork(nn.Module):
 def build_mtan(ctx: MethodContext) -> MTANNetwork:
     """MTAN on the run's naive-MTL model (same seed: same backbone and heads), plus fresh attention."""
     names = ctx.data.task_names
-    base: BranchedModel = build_model(ctx, Grouping.partition([names]))
+    base: BranchedModel = ctx.build_model(Grouping.partition([names]))
     blocks = sequential_blocks(base.stem, "MTAN backbone stem") + sequential_blocks(base.branches[0],
                                                                                     "MTAN backbone")
     heads = {t: base.head(0, t) for t in names}
@@ -202,7 +202,7 @@ def build_mtan(ctx: MethodContext) -> MTANNetwork:
 def mtan(ctx: MethodContext) -> MethodResult:
     """MTAN (Liu et al. 2019): shared backbone + per-task attention; not a grouping method."""
     model = build_mtan(ctx)
-    result, val, test = fit_model(ctx, model, "mtan")
+    result, val, test = ctx.fit(model, "mtan")
     net: MTANNetwork = result.model
     _, _, test_loader = ctx.loaders()
     x, _ = next(iter(test_loader))

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from taskgrouping.grouping.network_selection import Network, hoa_networks, select_networks
-from taskgrouping.distributed import TrainingJob
+from taskgrouping.engine.jobs import TrainingJob
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.two_shot import (FANOUT_OPTIONS, TrainedNetwork, fan_out, network_tag,
                                            networks_result, serve_by_validation, subset_job)

@@ -46,14 +46,14 @@ from torch import Tensor, nn
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.grouping.tag import AffinityAccumulator, lookahead_affinity, select_groups
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
-from taskgrouping.methods.grouped import build_model, fit_grouping, fit_model
+from taskgrouping.methods.baselines import fit_grouping
 from taskgrouping.tasks import Task
-from taskgrouping.trainer import TaskLossObjective
+from taskgrouping.engine.hooks import CallbackBase, TaskLossObjective
 
 LOOKAHEADS = ("optimizer", "sgd")
 
 
-class AffinityCollector:
+class AffinityCollector(CallbackBase):
     """Trainer callback measuring TAG's lookahead affinity before the forward pass of every
     ``every``-th step and accumulating it per epoch.
 
@@ -173,11 +173,11 @@ def tag(ctx: MethodContext) -> MethodResult:
     init = ctx.option("init", "scratch")
     if init not in ("scratch", "naive_mtl"):
         raise ValueError(f"tag.init must be 'scratch' or 'naive_mtl', got {init!r}")
-    model = build_model(ctx, Grouping.partition([names]))
+    model = ctx.build_model(Grouping.partition([names]))
     collector = AffinityCollector(ctx.data.tasks, model.shared_parameters(), every=ctx.option("every", 1),
                                   lookahead=ctx.option("lookahead", "sgd"), divide_by_lr=divide,
                                   lr=ctx.train.lr, weight_decay=ctx.train.weight_decay, seed=ctx.seed)
-    run, _, _ = fit_model(ctx, model, "tag_affinity", score_test=False, callbacks=[collector])
+    run, _, _ = ctx.fit(model, "tag_affinity", score_test=False, callbacks=[collector])
     if collector.accumulator.epochs == 0:
         raise ValueError(f"tag measured no affinity: {collector.skipped} lookahead steps were skipped "
                          f"(tag.every={collector.every}, {run.history[-1]['steps'] if run.history else 0} steps "

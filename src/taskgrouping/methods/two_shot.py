@@ -6,7 +6,7 @@ trains the picked groups. The methods themselves live in :mod:`taskgrouping.meth
 (``optimal``, ``hoa``, ``esa``), :mod:`taskgrouping.methods.tag` (``tag``) and
 :mod:`taskgrouping.methods.mtg_net` (``mtg_net``); this module holds what they share: turning the
 method context into picklable training jobs, running them with the configured backend
-(``<method>.backend`` / ``<method>.workers``, see :mod:`taskgrouping.distributed`), logging their
+(``<method>.backend`` / ``<method>.workers``, see :mod:`taskgrouping.engine.jobs`), logging their
 epochs, and turning a set of trained networks into the method's final model and result.
 """
 
@@ -16,18 +16,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from taskgrouping.distributed import (JobContext, JobResult, TrainingJob, assemble_networks, check_backend,
+from taskgrouping.engine.jobs import (JobResult, TrainingJob, assemble_networks, check_backend,
                                       checkpoint_path, run_jobs, trained_model)
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult
-from taskgrouping.trainer import evaluate, resolve_device
+from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.trainer import resolve_device
 
 #: Option defaults of every method that fans trainings out.
 FANOUT_OPTIONS: dict[str, Any] = {"backend": "sequential", "workers": None}
-
-
-def job_context(ctx: MethodContext) -> JobContext:
-    return JobContext(ctx.data, ctx.seed, ctx.train, dict(ctx.model), dict(ctx.balancer))
 
 
 def fanout_settings(ctx: MethodContext) -> tuple[str, int | None]:
@@ -57,7 +54,7 @@ def fan_out(ctx: MethodContext, jobs: Sequence[TrainingJob], backend: str | None
     """Run ``jobs`` with the method's backend (or ``backend``) and write every epoch record to the run's log."""
     configured, workers = fanout_settings(ctx)
     backend = backend or configured
-    results = run_jobs(job_context(ctx), jobs, backend=backend, workers=workers)
+    results = run_jobs(ctx.run, jobs, backend=backend, workers=workers)
     for res in results:
         for record in res.history:
             ctx.log(dict(record, network=res.tag))
@@ -101,7 +98,7 @@ def serve_by_validation(ctx: MethodContext, networks: Sequence[TrainedNetwork]) 
 def networks_result(ctx: MethodContext, networks: Sequence[TrainedNetwork], serves: dict[str, int],
                     train_seconds: float, n_networks: int, extra: dict[str, Any], **info: Any) -> MethodResult:
     """The final model made of ``networks`` (branch k = network k), scored on validation and test."""
-    jctx = job_context(ctx)
+    jctx = ctx.run
     model = assemble_networks([trained_model(jctx, n.job, n.result) for n in networks], serves)
     model.to(resolve_device(ctx.train.device))
     grouping = Grouping(tuple(n.tasks for n in networks), dict(serves), dict(info))

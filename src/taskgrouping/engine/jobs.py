@@ -3,8 +3,8 @@
 Standley's selection, HOA, ESA and MTG-Net train many task-subset networks that do not depend on
 each other. Each is described by a picklable :class:`TrainingJob` (the grouping to train, an
 optional model-option override such as a half-size encoder, an optional epoch count, a checkpoint
-directory); the pieces every job shares (data, seed, training settings) travel once per worker as a
-:class:`JobContext`. :func:`run_jobs` runs the jobs
+directory); the pieces every job shares (data, seed, training settings) travel once per worker as the run's
+:class:`~taskgrouping.engine.fit.RunContext`. Every job trains through :func:`~taskgrouping.engine.fit.fit`. :func:`run_jobs` runs the jobs
 
 * ``"sequential"``: one after the other in this process;
 * ``"processes"``: over local processes (``concurrent.futures`` with the *spawn* start method; each
@@ -34,33 +34,16 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from taskgrouping.balancing.base import get_balancer
-from taskgrouping.data.base import TaskData, make_loader
+from taskgrouping.engine.checkpoint import Checkpoint
+from taskgrouping.engine.fit import RunContext, build_model, fit
 from taskgrouping.grouping.grouping import Grouping
-from taskgrouping.models.branched import BranchedModel, build_branched_model
-from taskgrouping.trainer import Checkpoint, TrainConfig, evaluate, train
+from taskgrouping.models.branched import BranchedModel
 
 Backend = Literal["sequential", "processes", "ray"]
 BACKENDS: tuple[str, ...] = ("sequential", "processes", "ray")
 
-__all__ = ["Backend", "BACKENDS", "JobContext", "TrainingJob", "JobResult", "build_network", "train_job",
+__all__ = ["Backend", "BACKENDS", "TrainingJob", "JobResult", "build_network", "train_job",
            "run_jobs", "assemble_networks"]
-
-
-@dataclass(frozen=True)
-class JobContext:
-    """What all jobs of one fan-out share (shipped once to each worker).
-
-    Attributes mirror :class:`~taskgrouping.methods.base.MethodContext`: ``model`` is the config's
-    ``model`` section (``backbone``, ``options``, ``shared_blocks``), ``balancer`` its ``balancer``
-    section.
-    """
-
-    data: TaskData
-    seed: int
-    train: TrainConfig
-    model: Mapping[str, Any]
-    balancer: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -118,26 +101,17 @@ class JobResult:
         return {t: m["loss"] for t, m in getattr(self, split).items()}
 
 
-def build_network(ctx: JobContext, job: TrainingJob) -> BranchedModel:
-    """The freshly initialised model of ``job`` (torch seeded with ``ctx.seed`` first, as
-    :func:`taskgrouping.methods.grouped.build_model` does, so a job over all tasks builds the same
-    model as that function)."""
-    wanted = set(job.tasks)
-    tasks = [t for t in ctx.data.tasks if t.name in wanted]
-    unknown = sorted(wanted - {t.name for t in tasks})
-    if unknown:
-        raise ValueError(f"job {job.tag!r} names unknown tasks {unknown}; dataset {ctx.data.name!r} has "
-                         f"{ctx.data.task_names}")
-    options = ctx.model.get("options") if job.model_options is None else job.model_options
-    torch.manual_seed(ctx.seed)
-    return build_branched_model(tasks, job.grouping.as_lists(), ctx.data.input_shape,
-                                backbone=ctx.model.get("backbone"), backbone_options=options,
-                                shared_blocks=int(ctx.model.get("shared_blocks", 0) or 0),
-                                serves=job.grouping.serves)
+def build_network(ctx: RunContext, job: TrainingJob) -> BranchedModel:
+    """The freshly initialised model of ``job`` (:func:`~taskgrouping.engine.fit.build_model`)."""
+    try:
+        return build_model(ctx, job.grouping, job.model_options)
+    except ValueError as exc:
+        raise ValueError(f"job {job.tag!r}: {exc}") from None
 
 
-def train_job(ctx: JobContext, job: TrainingJob) -> JobResult:
-    """Train one job in this process and score it on the validation and test splits."""
+def train_job(ctx: RunContext, job: TrainingJob) -> JobResult:
+    """Train one job in this process through :func:`~taskgrouping.engine.fit.fit` and score it on the
+    validation and test splits."""
     model = build_network(ctx, job)
     tasks = [ctx.data.task(t) for t in model.task_names]
     config = ctx.train if job.epochs is None else replace(ctx.train, epochs=int(job.epochs))
@@ -151,17 +125,8 @@ def train_job(ctx: JobContext, job: TrainingJob) -> JobResult:
                 raise FileNotFoundError(f"job {job.tag!r}: no checkpoint to continue from in {job.init_from}")
             shutil.copytree(source.dir, target.dir, dirs_exist_ok=True)
         resume = True
-    bs = config.batch_size
-    train_loader = make_loader(ctx.data.train, bs, shuffle=True)
-    val_loader = make_loader(ctx.data.val, bs, shuffle=False)
-    test_loader = make_loader(ctx.data.test, bs, shuffle=False)
-    balancer = get_balancer(ctx.balancer.get("name", "ew"), tasks=[t.name for t in tasks],
-                            **(ctx.balancer.get("options") or {}))
-    result = train(model, train_loader, val_loader, tasks, config, seed=ctx.seed, balancer=balancer,
-                   checkpoint_dir=job.checkpoint_dir, resume=resume, desc=job.tag)
-    device = next(result.model.parameters()).device
-    val = evaluate(result.model, val_loader, tasks, None, device)
-    test = evaluate(result.model, test_loader, tasks, None, device)
+    result, val, test = fit(ctx, model, tag=job.tag, tasks=tasks, config=config, checkpoint_dir=job.checkpoint_dir,
+                            resume=resume)
     history = [h for h in result.history if h["epoch"] >= job.continues_from]
     weights = save_tensors({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()})
     return JobResult(job.tag, val, test, float(sum(h["seconds"] for h in history)), result.best_epoch,
@@ -170,10 +135,10 @@ def train_job(ctx: JobContext, job: TrainingJob) -> JobResult:
 
 # -- backends -------------------------------------------------------------------------------
 
-_WORKER_CONTEXT: JobContext | None = None
+_WORKER_CONTEXT: RunContext | None = None
 
 
-def _init_worker(ctx: JobContext) -> None:
+def _init_worker(ctx: RunContext) -> None:
     global _WORKER_CONTEXT
     torch.set_num_threads(1)
     _WORKER_CONTEXT = ctx
@@ -184,7 +149,7 @@ def _worker_train(job: TrainingJob) -> JobResult:
     return train_job(_WORKER_CONTEXT, job)
 
 
-def _ray_train(ctx: JobContext, job: TrainingJob) -> JobResult:
+def _ray_train(ctx: RunContext, job: TrainingJob) -> JobResult:
     torch.set_num_threads(1)
     return train_job(ctx, job)
 
@@ -206,7 +171,7 @@ def check_backend(backend: str, workers: int | None) -> None:
         raise ValueError(f"workers must be a positive integer (or null for one per CPU), got {workers!r}")
 
 
-def run_jobs(ctx: JobContext, jobs: Sequence[TrainingJob], backend: Backend = "sequential",
+def run_jobs(ctx: RunContext, jobs: Sequence[TrainingJob], backend: Backend = "sequential",
              workers: int | None = None) -> list[JobResult]:
     """Train every job and return the results in the order of ``jobs``.
 
@@ -244,7 +209,7 @@ def run_jobs(ctx: JobContext, jobs: Sequence[TrainingJob], backend: Backend = "s
     return list(ray.get([remote.remote(ctx_ref, j) for j in jobs]))
 
 
-def trained_model(ctx: JobContext, job: TrainingJob, result: JobResult) -> BranchedModel:
+def trained_model(ctx: RunContext, job: TrainingJob, result: JobResult) -> BranchedModel:
     """Rebuild ``job``'s model and load the weights ``result`` returned."""
     model = build_network(ctx, job)
     model.load_state_dict(load_tensors(result.weights))

@@ -2,68 +2,30 @@
 the dataset's known grouping (``oracle``), a user's grouping (``fixed``) and random groupings.
 
 All of them are "K branches with a given assignment": :func:`fit_grouping` builds the branched
-model, trains it with the shared trainer and scores it on the test split.
+model and trains and scores it through the run engine (:func:`taskgrouping.engine.fit.fit`).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
+from typing import Any
 
-from taskgrouping.balancing.base import get_balancer
+from taskgrouping.data.base import TaskData
 from taskgrouping.grouping.grouping import Grouping
+from taskgrouping.grouping.random_grouping import random_partitions
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
-from taskgrouping.models.branched import BranchedModel, build_branched_model
-from taskgrouping.trainer import TrainResult, evaluate, train
-
-
-def build_model(ctx: MethodContext, grouping: Grouping) -> BranchedModel:
-    """A freshly initialised branched model for ``grouping`` (torch seeded with the run seed first,
-    so every method starts from the same random stream)."""
-    torch.manual_seed(ctx.seed)
-    return build_branched_model(ctx.data.tasks, grouping.as_lists(), ctx.data.input_shape,
-                                backbone=ctx.model.get("backbone"), backbone_options=ctx.model.get("options"),
-                                shared_blocks=int(ctx.model.get("shared_blocks", 0)), serves=grouping.serves)
-
-
-def fit_model(ctx: MethodContext, model: nn.Module, tag: str, score_test: bool = True,
-              **train_kw) -> tuple[TrainResult, dict, dict | None]:
-    """Train ``model`` (checkpoints under ``tag``) and return (train result, val metrics, test metrics).
-
-    The validation metrics are those the trainer logged for the selected epoch (the returned
-    weights); the test split is scored only when ``score_test`` (``None`` otherwise).
-    """
-    train_loader, val_loader, test_loader = ctx.loaders()
-    balancer = get_balancer(ctx.balancer.get("name", "ew"), tasks=ctx.data.task_names,
-                            **(ctx.balancer.get("options") or {}))
-
-    def log(record: dict) -> None:
-        ctx.log(dict(record, network=tag))
-
-    every = int(ctx.diagnostics.get("every", 0) or 0)
-    if every > 0:  # GDS / GMS / FD every k steps, logged with each epoch (Mao et al.)
-        from taskgrouping.diagnostics import DiagnosticsCallback
-
-        train_kw["callbacks"] = list(train_kw.get("callbacks", ())) + [
-            DiagnosticsCallback(every=every, level=ctx.diagnostics.get("level", "feature"))]
-
-    result = train(model, train_loader, val_loader, ctx.data.tasks, ctx.train, seed=ctx.seed, balancer=balancer,
-                   checkpoint_dir=ctx.checkpoint_dir(tag), resume=ctx.resume, log=log, desc=f"{ctx.name}:{tag}",
-                   **train_kw)
-    val = next(h["val"] for h in result.history if h["epoch"] == result.best_epoch)
-    test = (evaluate(result.model, test_loader, ctx.data.tasks, train_kw.get("predict"),
-                     next(result.model.parameters()).device) if score_test else None)
-    return result, val, test
+from taskgrouping.methods.options import MethodOptions, expect, expect_choice, expect_int
+from taskgrouping.models.branched import BranchedModel, validate_groups
 
 
 def fit_grouping(ctx: MethodContext, grouping: Grouping, tag: str, init: str = "scratch") -> MethodResult:
     """Train ``grouping`` from scratch or from the naive-MTL weights (``init="naive_mtl"``)."""
-    if init not in ("scratch", "naive_mtl"):
+    if init not in INITS:
         raise ValueError(f"{ctx.name}.init must be 'scratch' or 'naive_mtl', got {init!r}")
-    model = build_model(ctx, grouping)
+    model = ctx.build_model(grouping)
     if init == "naive_mtl":
         model.load_from_single_branch(naive_mtl_model(ctx))
-    result, val, test = fit_model(ctx, model, tag)
+    result, val, test = ctx.fit(model, tag)
     return MethodResult(grouping, result.model, test, val, result.train_seconds, n_networks=1,
                         extra={"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "init": init})
 
@@ -97,41 +59,80 @@ def single_task(ctx: MethodContext) -> MethodResult:
     return res
 
 
-@register_method("oracle", {"init": "scratch"})
+INITS = ("scratch", "naive_mtl")
+
+
+@dataclass(frozen=True)
+class OracleOptions(MethodOptions):
+    """``init``: train from scratch or from the run's naive-MTL weights."""
+
+    init: str = "scratch"
+
+    def __post_init__(self) -> None:
+        expect_choice("init", self.init, INITS)
+
+    def check_data(self, data: TaskData) -> None:
+        if not data.groups:
+            raise ValueError(f"method 'oracle' needs a dataset with a known grouping; {data.name!r} has none")
+
+
+@register_method("oracle", OracleOptions)
 def oracle(ctx: MethodContext) -> MethodResult:
     """The dataset's known grouping (planted groups; MultiMNIST left / right digit) trained as given."""
-    if not ctx.data.groups:
-        raise ValueError(f"method 'oracle' needs a dataset with a known grouping; {ctx.data.name!r} has none")
+    opts = ctx.opts(OracleOptions)
+    opts.check_data(ctx.data)
     grouping = Grouping.partition(ctx.data.groups, method="oracle")
-    res = fit_grouping(ctx, grouping, "oracle", init=ctx.option("init", "scratch"))
+    res = fit_grouping(ctx, grouping, "oracle", init=opts.init)
     res.n_networks = len(grouping.groups)
     return res
 
 
-@register_method("fixed", {"groups": None, "init": "scratch"})
+@dataclass(frozen=True)
+class FixedOptions(MethodOptions):
+    """``groups``: the task-name lists to train; ``init`` as for ``oracle``."""
+
+    groups: Any = None
+    init: str = "scratch"
+
+    def __post_init__(self) -> None:
+        expect_choice("init", self.init, INITS)
+        expect(isinstance(self.groups, list) and bool(self.groups)
+               and all(isinstance(g, list) and g and all(isinstance(t, str) for t in g) for g in self.groups),
+               "groups", "a non-empty list of non-empty task-name lists", self.groups)
+
+    def check_data(self, data: TaskData) -> None:
+        try:
+            validate_groups(self.groups, data.task_names, allow_overlap=False)
+        except ValueError as exc:
+            raise ValueError(f"fixed.groups: {exc}") from None
+
+
+@register_method("fixed", FixedOptions)
 def fixed(ctx: MethodContext) -> MethodResult:
     """A user-given grouping (``fixed.groups``: list of task-name lists) trained from scratch or from
     the naive-MTL weights (``fixed.init=naive_mtl``)."""
-    groups = ctx.option("groups", None)
-    if not groups:
-        raise ValueError("method 'fixed' needs fixed.groups, a list of task-name lists")
-    from taskgrouping.models.branched import validate_groups
-
-    validate_groups(groups, ctx.data.task_names, allow_overlap=False)
-    grouping = Grouping.partition(groups, method="fixed")
-    res = fit_grouping(ctx, grouping, "fixed", init=ctx.option("init", "scratch"))
+    opts = ctx.opts(FixedOptions)
+    opts.check_data(ctx.data)
+    grouping = Grouping.partition(opts.groups, method="fixed")
+    res = fit_grouping(ctx, grouping, "fixed", init=opts.init)
     res.n_networks = len(grouping.groups)
     return res
 
 
-@register_method("random", {"draws": 1})
+@dataclass(frozen=True)
+class RandomOptions(MethodOptions):
+    """``draws``: random partitions to train and average over."""
+
+    draws: int = 1
+
+    def __post_init__(self) -> None:
+        expect_int("draws", self.draws, low=1)
+
+
+@register_method("random", RandomOptions)
 def random(ctx: MethodContext) -> MethodResult:
     """Random partitions into K non-empty groups, each trained; metrics averaged over ``draws``."""
-    from taskgrouping.grouping.random_grouping import random_partitions
-
-    draws = int(ctx.option("draws", 1))
-    if draws < 1:
-        raise ValueError(f"random.draws must be >= 1, got {draws}")
+    draws = ctx.opts(RandomOptions).draws
     groupings = random_partitions(ctx.data.task_names, ctx.K, draws, seed=ctx.seed)
     results = [fit_grouping(ctx, g, f"random_{i}") for i, g in enumerate(groupings)]
     per_task = {t: {m: sum(r.per_task[t][m] for r in results) / draws for m in results[0].per_task[t]}

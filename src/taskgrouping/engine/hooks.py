@@ -1,0 +1,153 @@
+"""What the training loop calls besides the model: the method's *objective* and *callbacks*.
+
+Both are typed protocols with every hook spelled out; :class:`ObjectiveBase` and
+:class:`CallbackBase` give the no-op defaults, so a method overrides only the hooks it needs and the
+trainer calls every hook unconditionally (no ``hasattr`` probing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from taskgrouping.tasks import Task
+
+Batch = tuple[Tensor, dict[str, Tensor]]
+
+
+@dataclass
+class StepOutput:
+    """What an objective returns for one batch.
+
+    Attributes:
+        losses: task name -> scalar loss (graph attached); the balancer combines them.
+        features: branch index -> shared features the heads read (for feature-level balancers).
+        extra_loss: a regulariser added to the combined loss as is (e.g. an entropy term).
+    """
+
+    losses: dict[str, Tensor]
+    features: dict[int, Tensor] = field(default_factory=dict)
+    extra_loss: Tensor | None = None
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A method's training step and its hooks (all called by the trainer)."""
+
+    def __call__(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor]) -> StepOutput: ...
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """What the main optimiser updates."""
+        ...
+
+    def after_step(self) -> None:
+        """After the optimiser step (e.g. step the method's own optimiser, zeroing its grads)."""
+        ...
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None: ...
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, Any] | None:
+        """Facts merged into the epoch's log record."""
+        ...
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """JSON-able state saved in checkpoints (``None``: nothing to save)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ObjectiveBase:
+    """No-op defaults of every :class:`Objective` hook; ``__call__`` is the method's own."""
+
+    def __call__(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def after_step(self) -> None:
+        return None
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        return None
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, Any] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+@runtime_checkable
+class Callback(Protocol):
+    """Observers of training (TAG's lookahead affinity, Mao et al.'s diagnostics)."""
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Once, after a resume has been restored."""
+        ...
+
+    def on_batch_start(self, step: int, model: nn.Module, batch: Batch) -> None:
+        """Before the forward pass; may change parameters temporarily if it restores them."""
+        ...
+
+    def on_step(self, step: int, output: StepOutput, model: nn.Module, batch: Batch) -> None:
+        """After the forward pass, graph alive, before the backward pass; must not touch ``.grad``
+        (use ``torch.autograd.grad`` with ``retain_graph=True``)."""
+        ...
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any] | None:
+        """Facts merged into the epoch's log record."""
+        ...
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CallbackBase:
+    """No-op defaults of every :class:`Callback` hook."""
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        return None
+
+    def on_batch_start(self, step: int, model: nn.Module, batch: Batch) -> None:
+        return None
+
+    def on_step(self, step: int, output: StepOutput, model: nn.Module, batch: Batch) -> None:
+        return None
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class TaskLossObjective(ObjectiveBase):
+    """Each task's loss from every head that trains it (a branched model's ``groups``), or from the
+    plain ``{task: prediction}`` dict returned by any other model."""
+
+    def __init__(self, tasks: Iterable[Task]) -> None:
+        self.tasks = {t.name: t for t in tasks}
+
+    def __call__(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor]) -> StepOutput:
+        forward_heads = getattr(model, "forward_heads", None)
+        if forward_heads is not None:
+            preds, feats = forward_heads(x)
+            losses: dict[str, Tensor] = {}
+            for (k, t), p in preds.items():
+                loss = self.tasks[t].loss(p, targets[t])
+                losses[t] = losses[t] + loss if t in losses else loss
+            return StepOutput(losses, feats)
+        preds = model(x)
+        return StepOutput({t: self.tasks[t].loss(preds[t], targets[t]) for t in self.tasks})

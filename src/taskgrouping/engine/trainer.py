@@ -1,0 +1,312 @@
+"""One training loop for every network of every method.
+
+A batch ``(x, {task: y})`` goes through an *objective* (the method's step: model forward and
+per-task losses), then a *balancer* (losses -> gradients; equal weighting by default), then the
+optimiser. After every epoch the model is scored on the validation split, the epoch is logged,
+and a checkpoint (safetensors + JSON) is written so that a killed run resumes to the same numbers:
+torch's global RNG is reseeded from ``(seed, epoch)`` at the start of every epoch, so data order,
+dropout and Gumbel noise depend only on the epoch, not on the process history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from taskgrouping.balancing.base import Balancer
+from taskgrouping.engine.checkpoint import Checkpoint, CheckpointError
+from taskgrouping.engine.evaluation import Predict, evaluate, total_loss
+from taskgrouping.engine.hooks import Callback, Objective, TaskLossObjective
+from taskgrouping.tasks import Task
+
+
+class TrainingDiverged(RuntimeError):
+    """A task's loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (every key can be set from a config's ``train:`` section)."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "none"  # none | step | plateau
+    step_size: int = 15
+    gamma: float = 0.5
+    plateau_patience: int = 3
+    early_stopping: int = 0  # patience in epochs on validation loss; 0 = off
+    select: str = "best_val"  # best_val (restore the best validation epoch) | last
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    progress: bool = True
+    tensorboard: bool = False
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0, "optimizer": self.optimizer in ("adam", "adamw", "sgd"),
+            "schedule": self.schedule in ("none", "step", "plateau"), "select": self.select in ("best_val", "last"),
+            "device": self.device in ("auto", "cpu", "cuda"), "early_stopping": self.early_stopping >= 0,
+            "step_size": self.step_size >= 1, "gamma": self.gamma > 0, "grad_clip": self.grad_clip >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid train.{bad[0]}={getattr(self, bad[0])!r}")
+
+
+@dataclass
+class TrainResult:
+    """The trained model (best validation epoch restored unless ``select='last'``) and its history."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    best_epoch: int
+    train_seconds: float
+    epochs_run: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def make_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    # foreach: one fused update over all tensors (torch only defaults to it on CUDA); with many small
+    # heads the per-tensor Python loop otherwise dominates a CPU step.
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               foreach=True)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(param_groups, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.gamma,
+                                                          patience=config.plateau_patience)
+    return None
+
+
+@dataclass
+class _Progress:
+    """The loop's running state (saved in every checkpoint)."""
+
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    best_weights: dict[str, Tensor]
+    start_epoch: int = 0
+    elapsed: float = 0.0
+
+
+def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, tasks: Iterable[Task],
+          config: TrainConfig | None = None, *, seed: int = 0, objective: Objective | None = None,
+          balancer: Balancer | None = None, predict: Predict | None = None,
+          checkpoint_dir: Path | str | None = None, resume: bool = False,
+          log: Callable[[dict[str, Any]], None] | None = None, callbacks: Iterable[Callback] = (),
+          desc: str = "train") -> TrainResult:
+    """Train ``model`` on ``train_loader``, selecting the epoch on ``val_loader``.
+
+    Args:
+        model: any ``nn.Module``; a :class:`~taskgrouping.models.branched.BranchedModel` or a model
+            returning ``{task: prediction}``.
+        tasks: the tasks to train and score.
+        config: optimisation settings.
+        seed: base seed; epoch ``e`` starts by seeding torch with ``epoch_seed(seed, e)``.
+        objective: the method's step (default :class:`~taskgrouping.engine.hooks.TaskLossObjective`).
+        balancer: turns per-task losses into gradients (default equal weighting).
+        predict: ``(model, x) -> {task: prediction}`` used for validation (default ``model(x)``).
+        checkpoint_dir: where to write a checkpoint after every epoch (``None``: no checkpoints).
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        log: called with one JSON-able record per epoch.
+        callbacks: :class:`~taskgrouping.engine.hooks.Callback` observers (hooks and their
+            contracts documented there).
+    """
+    config = config or TrainConfig()
+    tasks = list(tasks)
+    objective = objective or TaskLossObjective(tasks)
+    callbacks = list(callbacks)
+    balancer = balancer or Balancer()
+    device = resolve_device(config.device)
+    model.to(device)
+    groups = objective.param_groups(model)
+    extra = balancer.extra_parameters()
+    if extra:
+        groups.append({"params": extra})
+    optimizer = make_optimizer(config, groups)
+    scheduler = make_scheduler(config, optimizer)
+    shared_parameters = getattr(model, "shared_parameters", None)  # plain modules have none
+    shared = shared_parameters() if shared_parameters is not None else []
+    ckpt = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.amp
+                else contextlib.nullcontext())
+
+    run = _Progress([], {"val_loss": math.inf, "epoch": -1, "bad_epochs": 0},
+                    {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if ckpt is not None and resume and ckpt.exists:
+        run = _restore(ckpt, model, optimizer, scheduler, objective, balancer, callbacks)
+
+    for cb in callbacks:
+        cb.on_train_start(model, optimizer)
+    writer = _tensorboard_writer(config, checkpoint_dir)
+    bar = _progress(range(run.start_epoch, config.epochs), desc, config.progress, initial=run.start_epoch,
+                    total=config.epochs)
+    step = sum(h.get("steps", 0) for h in run.history)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(seed, epoch))
+        objective.on_epoch_start(epoch, model)
+        model.train()
+        train_losses, n_batches = _train_epoch(model, train_loader, objective, balancer, optimizer, callbacks,
+                                               shared, config, device, autocast, epoch, step)
+        step += n_batches
+        balancer.on_epoch_end(epoch, train_losses)
+        record: dict[str, Any] = {"epoch": epoch, "steps": n_batches, "lr": optimizer.param_groups[0]["lr"],
+                                  "train_loss": train_losses}
+        record.update(objective.on_epoch_end(epoch, model) or {})
+        for cb in callbacks:
+            record.update(cb.on_epoch_end(epoch) or {})
+        val = evaluate(model, val_loader, tasks, predict, device)
+        val_loss = total_loss(val)
+        record["val"] = val
+        record["val_total_loss"] = val_loss
+        if scheduler is not None:
+            scheduler.step(val_loss) if config.schedule == "plateau" else scheduler.step()
+        if val_loss < run.best["val_loss"] or config.select == "last":
+            run.best.update(val_loss=val_loss, epoch=epoch, bad_epochs=0)
+            run.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            run.best["bad_epochs"] += 1
+        record["seconds"] = time.perf_counter() - t0
+        run.elapsed += record["seconds"]
+        run.history.append(record)
+        if log is not None:
+            log(record)
+        if writer is not None:
+            _write_tensorboard(writer, record)
+        stopped = bool(config.early_stopping and run.best["bad_epochs"] >= config.early_stopping)
+        if ckpt is not None:
+            ckpt.save(model, run.best_weights, optimizer, {
+                "epoch": epoch if not stopped else config.epochs - 1, "history": run.history, "best": run.best,
+                "elapsed": run.elapsed, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "objective": objective.state_dict(), "balancer": balancer.state_dict(), "seed": seed,
+                "config": asdict(config), "callbacks": [cb.state_dict() for cb in callbacks]})
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(train=f"{sum(train_losses.values()):.4f}", val=f"{val_loss:.4f}")
+        if stopped:
+            break
+    if writer is not None:
+        writer.close()
+    if config.select == "best_val":
+        model.load_state_dict(run.best_weights)
+    return TrainResult(model, run.history, run.best["epoch"], run.elapsed, len(run.history))
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, balancer: Balancer,
+                 optimizer: torch.optim.Optimizer, callbacks: Sequence[Callback], shared: list[Tensor],
+                 config: TrainConfig, device: torch.device, autocast: Any, epoch: int,
+                 step: int) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns (mean train loss per task, number of batches)."""
+    sums: dict[str, float] = {}
+    n_batches = 0
+    for x, targets in loader:
+        x = x.to(device, non_blocking=True)
+        targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+        for cb in callbacks:
+            cb.on_batch_start(step, model, (x, targets))
+        with autocast:
+            out = objective(model, x, targets)
+        for name, loss in out.losses.items():
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss of task {name!r} became {float(loss.detach())} at epoch {epoch}, "
+                                       f"step {step}; lower train.lr or check the task's targets")
+        for cb in callbacks:
+            cb.on_step(step, out, model, (x, targets))
+        optimizer.zero_grad(set_to_none=True)
+        if out.extra_loss is not None:
+            out.extra_loss.backward(retain_graph=True)
+        balancer.backward(out.losses, shared, list(out.features.values()) or None)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        objective.after_step()
+        for name, loss in out.losses.items():
+            sums[name] = sums.get(name, 0.0) + float(loss.detach())
+        n_batches += 1
+        step += 1
+    return {k: v / max(n_batches, 1) for k, v in sums.items()}, n_batches
+
+
+def _restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             objective: Objective, balancer: Balancer, callbacks: Sequence[Callback]) -> _Progress:
+    """Load the checkpoint into the model, optimiser, scheduler, objective, balancer and callbacks."""
+    weights, best_weights, opt_state, state = ckpt.load()
+    try:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint in {ckpt.dir} does not fit this model/optimiser: {exc}") from None
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if state.get("objective") is not None:
+        objective.load_state_dict(state["objective"])
+    if state.get("balancer") is not None:
+        balancer.load_state_dict(state["balancer"])
+    for cb, cb_state in zip(callbacks, state.get("callbacks") or []):
+        if cb_state is not None:
+            cb.load_state_dict(cb_state)
+    return _Progress(state["history"], state["best"], best_weights, state["epoch"] + 1, float(state.get("elapsed", 0.0)))
+
+
+def _progress(it: Iterable, desc: str, enabled: bool, **kw: Any) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False, disable=not sys.stderr.isatty() and "TQDM_FORCE" not in os.environ,
+                unit="epoch", **kw)
+
+
+def _tensorboard_writer(config: TrainConfig, directory: Path | str | None):
+    if not config.tensorboard or directory is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("train.tensorboard=true needs the tensorboard package: pip install 'taskgrouping[tensorboard]'"
+                         ) from None
+    return SummaryWriter(log_dir=str(Path(directory) / "tensorboard"))
+
+
+def _write_tensorboard(writer, record: dict[str, Any]) -> None:
+    e = record["epoch"]
+    writer.add_scalar("val/total_loss", record["val_total_loss"], e)
+    writer.add_scalar("lr", record["lr"], e)
+    for t, v in record["train_loss"].items():
+        writer.add_scalar(f"train_loss/{t}", v, e)
+    for t, ms in record["val"].items():
+        for m, v in ms.items():
+            writer.add_scalar(f"val/{t}/{m}", v, e)
