@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from taskgrouping.balancing.base import get_balancer
-from taskgrouping.balancing.methods import GRADIENT_METHODS, LOSS_WEIGHTING_METHODS
+from taskgrouping.balancing.catalogue import GRADIENT_METHODS, LOSS_WEIGHTING_METHODS
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.tasks import Task
 

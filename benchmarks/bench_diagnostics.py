@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from taskgrouping.diagnostics import DiagnosticsCallback, _feature_gradients_one_pass, _task_gradients_into
+from taskgrouping.balancing.task_gradients import feature_gradients_one_pass, task_gradients_into
+from taskgrouping.diagnostics import DiagnosticsCallback
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.tasks import Task
 
@@ -136,11 +137,11 @@ def gradient_methods(model, tasks, batches, reps: int) -> dict:
         losses = {t.name: t.loss(preds[(0, t.name)], y[t.name]) for t in tasks}
         runs = {}
         for level, wrt in (("param", shared + feats), ("feature", feats)):
-            runs[f"{level}/loop"] = lambda wrt=wrt, key=f"{level}/loop": _task_gradients_into(
+            runs[f"{level}/loop"] = lambda wrt=wrt, key=f"{level}/loop": task_gradients_into(
                 _buffer(buffers, key, len(tasks), wrt), losses, wrt, True)
             runs[f"{level}/vmap"] = lambda wrt=wrt, key=f"{level}/vmap": _vmap_gradients(
                 _buffer(buffers, key, len(tasks), wrt), losses, wrt)
-        runs["feature/one_pass"] = lambda: _feature_gradients_one_pass(
+        runs["feature/one_pass"] = lambda: feature_gradients_one_pass(
             _buffer(buffers, "feature/one_pass", len(tasks), feats), losses, feats)
         keys = list(runs)
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:

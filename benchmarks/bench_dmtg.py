@@ -35,10 +35,10 @@ import torch
 
 from taskgrouping.config import build_config
 from taskgrouping.data.builtin import planted
-from taskgrouping.experiment import prepare_data
+from taskgrouping.engine.driver import prepare_data
 from taskgrouping.metrics import norm_gain
 from taskgrouping.methods.base import MethodContext, available_methods
-from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, resolve_options
+from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, DMTGOptions
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.tasks import Task
 from taskgrouping.engine.hooks import TaskLossObjective
@@ -47,12 +47,12 @@ from taskgrouping.io import atomic_write_text
 
 OUT = Path(__file__).resolve().parent / "results"
 DMTG_OPTIONS: dict = {}  # --options: DMTG options for the quality parts (heads, planted, configs, multimnist_k)
-WARMUP_EPOCHS = int(resolve_options({})["s_warmup_epochs"])
+WARMUP_EPOCHS = DMTGOptions().s_warmup_epochs
 
 
 def _dmtg_step_fn(model, tasks, x, y, warm_up: bool = False):
     """A step of the default recipe in a warm-up epoch (S fixed) or in an epoch that learns S."""
-    objective = DMTGObjective(tasks, resolve_options({}))
+    objective = DMTGObjective(tasks, DMTGOptions())
     objective.on_epoch_start(0 if warm_up else WARMUP_EPOCHS, model)
     return _step_fn(model, objective, x, y)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from taskgrouping.config import build_config
-from taskgrouping.experiment import prepare_data
+from taskgrouping.engine.driver import prepare_data
 from taskgrouping.methods.base import MethodContext, available_methods
 from taskgrouping.engine.trainer import TrainConfig
 from taskgrouping.io import atomic_write_text
@@ -135,7 +135,7 @@ def mates_cost(rounds: int = 15) -> list[dict]:
     with the mates pull measured every 5 / 10 steps, on the MultiMNIST CNN (N=8) and planted MLP (N=9)."""
     from bench_dmtg import _models, _step_fn, _time
 
-    from taskgrouping.methods.dmtg import DMTGObjective, resolve_options
+    from taskgrouping.methods.dmtg import DMTGObjective, DMTGOptions
     from taskgrouping.tasks import Task
     from taskgrouping.engine.hooks import TaskLossObjective
 
@@ -150,7 +150,7 @@ def mates_cost(rounds: int = 15) -> list[dict]:
         fns = {"naive": _step_fn(naive, TaskLossObjective(tasks), x, y)}
         for label, extra in (("dmtg", {}), ("mates_every_10", {"mates_weight": 10, "mates_every": 10}),
                              ("mates_every_5", {"mates_weight": 10, "mates_every": 5})):
-            objective = DMTGObjective(tasks, resolve_options(dict(extra, s_warmup_epochs=0)))
+            objective = DMTGObjective(tasks, DMTGOptions(**extra, s_warmup_epochs=0))
             objective.on_epoch_start(0, dmtg)
             fns[label] = _step_fn(dmtg, objective, x, y)
         t = _time(fns, rounds, 10)  # blocks of 10 steps: each holds 1 or 2 measuring steps

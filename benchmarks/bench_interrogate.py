@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from taskgrouping.methods.interrogate import InterroGateObjective, parse_options
+from taskgrouping.methods.interrogate import (InterroGateObjective, InterroGateOptions, build_gated_network,
+                                              count_flops)
 from taskgrouping.models.backbones import build_backbone, output_shape
 from taskgrouping.models.branched import build_branched_model
-from taskgrouping.models.gated import build_gated_network, count_flops
 from taskgrouping.models.heads import make_head
 from taskgrouping.tasks import Task
 
@@ -65,8 +65,7 @@ def training_steps(task_list: list[Task], x: torch.Tensor, y: dict[str, torch.Te
     mtl = build_branched_model(task_list, [names], SHAPE, "small_cnn", OPTIONS)
     stl = build_branched_model(task_list, [[n] for n in names], SHAPE, "small_cnn", OPTIONS)
     gated = gated_model(task_list)
-    objective = InterroGateObjective(gated, task_list, parse_options({"gate_optimizer": "adam", "gate_lr": 0.01},
-                                                                     task_list))
+    objective = InterroGateObjective(gated, task_list, InterroGateOptions(gate_optimizer="adam", gate_lr=0.01))
     opt_mtl = torch.optim.Adam(mtl.parameters(), lr=1e-3)
     opt_stl = torch.optim.Adam(stl.parameters(), lr=1e-3)
     opt_gated = torch.optim.Adam(objective.param_groups(gated)[0]["params"], lr=1e-3)

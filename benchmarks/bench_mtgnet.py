@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taskgrouping.grouping.mtgnet import (
+from taskgrouping.methods.mtg_net import (
     MTGNetConfig,
     active_sampling,
     grouping_gain,

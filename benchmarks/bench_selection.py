@@ -26,8 +26,7 @@ import numpy as np
 import scipy
 import torch
 
-from taskgrouping.grouping.network_selection import Network, hoa_networks, select_networks
-from taskgrouping.grouping.standley_io import read_standley_results
+from taskgrouping.methods.standley import Network, hoa_networks, read_standley_results, select_networks
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "grouping-data" / "standley_taskgrouping" / "network_selection"

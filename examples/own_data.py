@@ -2,11 +2,8 @@
 import torch
 from torch import nn
 
-from taskgrouping.data.base import TensorTaskDataset, make_loader
-from taskgrouping.models.branched import build_branched_model
-from taskgrouping.tasks import Task
-from taskgrouping.engine.evaluation import evaluate
-from taskgrouping.engine.trainer import TrainConfig, train
+from taskgrouping import Task, TensorTaskDataset, TrainConfig, build_branched_model, evaluate, train
+from taskgrouping.data.base import make_loader
 
 torch.manual_seed(0)
 x = torch.randn(600, 20)

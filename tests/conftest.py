@@ -24,7 +24,7 @@ def run_preset(preset: str, methods: tuple[str, ...], seed: int = 0, options: di
     """(data, {method: MethodResult}) for ``methods`` run in-process on ``preset`` at ``seed`` (each with the
     preset's options for it, or ``options[method]``)."""
     from taskgrouping.config import build_config
-    from taskgrouping.experiment import prepare_data
+    from taskgrouping.engine.driver import prepare_data
     from taskgrouping.methods.base import MethodContext, available_methods
     from taskgrouping.engine.trainer import TrainConfig
 

@@ -102,7 +102,7 @@ def select(losses: Path = typer.Option(..., "--losses", help="Per-network valida
                                                "of a Standley results file."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Standley et al. network selection under inference-time budgets."""
-    from taskgrouping.grouping.network_selection import select_cli
+    from taskgrouping.methods.standley.cli import select_cli
 
     try:
         curve = select_cli(str(losses), budgets, report=str(report) if report else None, approx=approx,
@@ -124,7 +124,7 @@ def tag_select(affinity: Path = typer.Option(..., "--affinity", help="JSON {reci
                groups: int = typer.Option(..., "--groups", "-k", help="At most this many groups."),
                as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """TAG group selection from an inter-task affinity matrix (overlap allowed)."""
-    from taskgrouping.grouping.tag import tag_select_cli
+    from taskgrouping.methods.tag.cli import tag_select_cli
 
     try:
         result = tag_select_cli(affinity, groups)
@@ -167,7 +167,7 @@ def balance_bench(config: Optional[Path] = typer.Argument(None, help="YAML confi
                   set_: list[str] = typer.Option([], "--set", "-s")) -> None:
     """Balancers x {parameter, feature level} on naive MTL: the paper-style table (Mao et al.) with
     arrows vs EW, Delta_MTL, mean rank, and the ranking similarity of GDS / GMS / FD."""
-    from taskgrouping.balancer_benchmark import run_benchmark
+    from taskgrouping.balancing.study import run_benchmark
 
     try:
         cfg = _config(config, preset, set_)

@@ -9,61 +9,21 @@ methods, so a resumed run skips them) and ``DIR/models/<method>.safetensors`` (f
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from taskgrouping import __version__
-from taskgrouping.config import ConfigError, dump
+from taskgrouping.config import ConfigError
 from taskgrouping.data.base import TaskData
-from taskgrouping.data.registry import load_dataset
+from taskgrouping.engine.driver import Driver, prepare_data
 from taskgrouping.grouping.grouping import Grouping
-from taskgrouping.methods.base import MethodContext, MethodResult, available_methods
+from taskgrouping.io import atomic_write_text, save_state_dict
+from taskgrouping.methods.base import MethodContext, MethodResult, available_methods, method_options
 from taskgrouping.metrics import delta_mtl, mean_rank, norm_gain, summary_convention, total
 from taskgrouping.report import results_table
-from taskgrouping.engine.trainer import TrainConfig
-from taskgrouping.io import atomic_write_text
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import scipy
-
-    return {"taskgrouping": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "scipy": scipy.__version__, "platform": platform.platform()}
-
-
-def git_revision() -> str:
-    """HEAD of the checkout the package is imported from (``+dirty`` if modified), else ``unknown``."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def prepare_data(config: dict[str, Any]) -> TaskData:
-    """Load the configured dataset and check K against its tasks."""
-    options = {k: v for k, v in config["data"].items() if k != "name"}
-    if "seed" not in options and config["data"]["name"] in ("planted", "multimnist", "digits"):
-        options["seed"] = config["seed"]
-    data = load_dataset(config["data"]["name"], **options)
-    n = len(data.tasks)
-    if config["K"] > n:
-        raise ConfigError(f"K={config['K']} is larger than the number of tasks ({n}) of dataset {data.name!r}")
-    return data
 
 
 def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = False,
@@ -73,41 +33,26 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
     Raises ``ConfigError`` / ``ValueError`` / ``FileNotFoundError`` before anything is written when
     the config or the data is wrong.
     """
-    out = Path(out_dir)
-    if config["threads"]:
-        torch.set_num_threads(int(config["threads"]))
+    driver = Driver(config, out_dir, resume)
+    out = driver.out
     data = prepare_data(config)
     methods = available_methods()
-    config_text = dump(config)
-    if out.exists() and any(out.iterdir()):
-        old = out / "config.yaml"
-        if not resume:
-            raise ConfigError(f"output directory {str(out)!r} is not empty; pass --resume to continue it or "
-                              "choose another --out")
-        if old.is_file() and old.read_text() != config_text:
-            raise ConfigError(f"--resume: the config differs from {old}; resume with the same config")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", config_text)
+    for name in config["methods"]:  # options that cannot work on this data, before anything is written
+        try:
+            method_options(name, config.get(name)).check_data(data)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    driver.check_out_dir(can_resume=True)
+    driver.open()
     (out / "partial").mkdir(exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
     metrics_file = out / "metrics.jsonl"
-
-    def log(method: str) -> Callable[[dict[str, Any]], None]:
-        def write(record: dict[str, Any]) -> None:
-            with open(metrics_file, "a") as fh:
-                fh.write(json.dumps(dict(record, method=method), default=float) + "\n")
-        return write
-
-    started = datetime.now(timezone.utc).isoformat()
-    train_cfg = TrainConfig(**config["train"])
     cache: dict[str, Any] = {}
     results: dict[str, MethodResult | dict[str, Any]] = {}
     for name in config["methods"]:
         partial = out / "partial" / f"{name}.json"
-        ctx = MethodContext(data=data, seed=config["seed"], K=config["K"], train=train_cfg, model=config["model"],
-                            balancer=config["balancer"], options=dict(config.get(name) or {}),
-                            workdir=out / "checkpoints" / name, resume=resume, log=log(name), cache=cache, name=name,
-                            diagnostics=dict(config.get("diagnostics") or {}), figures_dir=out / "figures")
+        ctx = driver.context(data, name, workdir=out / "checkpoints" / name, log=driver.logger(metrics_file, method=name),
+                             cache=cache, figures_dir=out / "figures", diagnostics=True)
         if resume and partial.is_file():
             results[name] = json.loads(partial.read_text())
             echo(f"[{name}] already finished; loaded {partial}")
@@ -122,15 +67,14 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
         record["wall_seconds"] = time.perf_counter() - t0
         record["variants"] = {f"{name}/{v}": method_record(r, data) for v, r in variants.items()}
         if res.model is not None:
-            _save_model(out / "models" / f"{name}.safetensors", res.model)
+            save_state_dict(out / "models" / f"{name}.safetensors", res.model.state_dict())
         atomic_write_text(partial, json.dumps(record, indent=1, default=_json_float))
         results[name] = record
         echo(f"[{name}] total test loss {record['total_test_loss']:.4f}; groups {record['grouping']}")
     for name in list(results):  # variants (e.g. DMTG's grouping retrained) become rows of their own
         results.update(results[name].pop("variants", {}) or {})
     summary = summarise(config, data, results)
-    summary.update(started=started, finished=datetime.now(timezone.utc).isoformat(), versions=versions(),
-                   git_revision=git_revision(), out_dir=str(out))
+    summary.update(driver.provenance())
     table = results_table(summary)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_float))
     atomic_write_text(out / "table.md", table + "\n")
@@ -144,16 +88,8 @@ def _json_float(obj: Any) -> Any:
     return float(obj)
 
 
-def _save_model(path: Path, model: torch.nn.Module) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-
-
 def _restore_naive(ctx: MethodContext, out: Path, record: dict[str, Any]) -> None:
     """Put the finished naive-MTL model back in the cache so warm starts after a resume reuse it."""
-
-
     weights = out / "models" / "naive_mtl.safetensors"
     if weights.is_file():
         model = ctx.build_model(Grouping.from_json({"groups": record["grouping"], "serves": record["serves"]}))

@@ -72,7 +72,7 @@ def get_balancer(name: str, tasks: Sequence[str] | None = None, **options: Any) 
     """
     import inspect
 
-    import_modules("taskgrouping.balancing", ["methods"])  # the full suite registers itself on import
+    import_modules("taskgrouping.balancing", ["catalogue"])  # every family registers itself on import
     key = name.lower()
     if key not in BALANCERS:
         raise ValueError(f"unknown balancer {name!r}; expected one of {sorted(BALANCERS)}")

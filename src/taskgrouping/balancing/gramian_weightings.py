@@ -4,13 +4,11 @@ Each maps the Gramian ``G = J J^T`` of the task gradients (``T x T``) to task we
 update is ``w @ J``. They are the algorithms of TorchJD's ``PCGradWeighting``,
 ``GradVacWeighting`` and ``MGDAWeighting`` (TorchJD 0.18), step for step, with the same random
 draws from the global torch RNG (``torch.randperm``, one call per task, as TorchJD makes them), so
-equal seeds give equal weights; ``tests/test_balancers_torchjd.py`` pins the equality.
+equal seeds give equal weights; ``tests/balancing/test_balancers_torchjd.py`` pins the equality.
 
-Why hand-written: TorchJD runs each as a Python loop of per-pair torch *scalar* operations (for
-8 tasks ~60 pairs; GradVac ~180 ``clamp`` / ``sqrt`` calls), which costs 1 ms (MGDA), 2 ms
-(PCGrad) and 8 ms (GradVac) per step on a CPU - more than the whole budget of the feature-level
-surrogate (<= 1.2 x an EW step, ~4.5 ms on our small benchmark). The same loops on Python floats
-and a float64 NumPy Gramian take tens of microseconds, and float64 is at least as accurate.
+Why hand-written: TorchJD loops over per-pair torch *scalar* operations, which on a CPU cost 1 ms
+(MGDA) to 8 ms (GradVac) per step for 8 tasks, more than the feature-level surrogate's whole budget
+(<= 1.2 x an EW step); the same loops on Python floats and a float64 Gramian take microseconds.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ TorchJD's aggregators map a Jacobian ``J`` (tasks x dimensions) to one update ve
 are *Gramian weightings*: a vector of task weights ``w`` computed from ``G = J J^T`` and combined as
 ``w @ J``. We use the weighting half only, so the same weights serve parameter-level Jacobians and
 feature-level ones (where the weights computed from one statistic are applied to another, see
-:mod:`taskgrouping.balancing.jacobian`). Everything else in the package sees plain tensors.
+:mod:`taskgrouping.balancing.gradient_balancer`). Everything else in the package sees plain tensors.
 
 Used from TorchJD: IMTL-G, Aligned-MTL and the random weighting (RGW), and CAGrad / Nash-MTL with
 ``solver="cvxpy"``. PCGrad, GradVac and MGDA are computed by

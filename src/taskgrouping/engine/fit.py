@@ -108,7 +108,7 @@ def fit(run: RunContext, model: nn.Module, *, tag: str, tasks: Sequence[Task] | 
                                             **(run.balancer.get("options") or {}))
     callbacks = list(callbacks)
     every = int(run.diagnostics.get("every", 0) or 0)
-    if every > 0:  # GDS / GMS / FD every k steps, logged with each epoch (Mao et al.)
+    if every > 0 and len(tasks) > 1:  # GDS / GMS / FD every k steps (Mao et al.); need >= 2 tasks
         from taskgrouping.diagnostics import DiagnosticsCallback
 
         callbacks.append(DiagnosticsCallback(every=every, level=run.diagnostics.get("level", "feature")))

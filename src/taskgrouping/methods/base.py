@@ -70,12 +70,12 @@ class MethodContext:
     def checkpoint_dir(self, tag: str) -> Path | None:
         return None if self.workdir is None else self.workdir / tag
 
-    def option(self, key: str, default: Any) -> Any:  # TRANSITIONAL
-        return self.options.get(key, default)
-
     def opts(self, cls: type[O]) -> O:
-        """This method's options as the dataclass ``cls`` (checked; defaults filled in)."""
-        return cls.from_section(self.name, self.options)
+        """This method's options as the dataclass ``cls`` (checked; defaults filled in; errors name
+        the method that registered ``cls``)."""
+        name = self.name if METHOD_OPTIONS.get(self.name) is cls else next(
+            (n for n, c in METHOD_OPTIONS.items() if c is cls), self.name)
+        return cls.from_section(name, self.options)
 
 
 @dataclass
@@ -112,13 +112,6 @@ def register_method(name: str, options: type[MethodOptions] = MethodOptions) -> 
 
     def deco(fn: MethodFn) -> MethodFn:
         METHODS[name] = fn
-        if isinstance(options, dict):  # TRANSITIONAL: until every method has its dataclass
-            import dataclasses
-            METHOD_OPTIONS[name] = dataclasses.make_dataclass(
-                f"{name}_options", [(k, Any, dataclasses.field(default_factory=lambda v=v: v) if isinstance(v, (list, dict))
-                                       else dataclasses.field(default=v)) for k, v in options.items()],
-                bases=(MethodOptions,), frozen=True)
-            return fn
         METHOD_OPTIONS[name] = options
         return fn
 
@@ -130,7 +123,7 @@ def method_options(name: str, section: Mapping[str, Any] | None) -> MethodOption
     return METHOD_OPTIONS[name].from_section(name, section)
 
 
-_MODULES = ("baselines", "dmtg", "standley", "tag", "mtg_net", "interrogate", "cross_stitch", "mtan",
+_MODULES = ("baselines", "dmtg", "standley", "tag", "mtg_net", "interrogate", "architectures",
             "label_clusters")
 
 

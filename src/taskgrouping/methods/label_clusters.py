@@ -12,7 +12,7 @@ from __future__ import annotations
 from taskgrouping.data.base import make_loader
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
-from taskgrouping.methods.dmtg import cluster_prior, label_affinity
+from taskgrouping.methods.dmtg.prior import cluster_prior, label_affinity
 from taskgrouping.methods.baselines import fit_grouping
 
 

@@ -6,8 +6,9 @@ trains the picked groups. The methods themselves live in :mod:`taskgrouping.meth
 (``optimal``, ``hoa``, ``esa``), :mod:`taskgrouping.methods.tag` (``tag``) and
 :mod:`taskgrouping.methods.mtg_net` (``mtg_net``); this module holds what they share: turning the
 method context into picklable training jobs, running them with the configured backend
-(``<method>.backend`` / ``<method>.workers``, see :mod:`taskgrouping.engine.jobs`), logging their
-epochs, and turning a set of trained networks into the method's final model and result.
+(:class:`FanoutOptions`: ``<method>.backend`` / ``<method>.workers``, see
+:mod:`taskgrouping.engine.jobs`), logging their epochs, and turning a set of trained networks into
+the method's final model and result.
 """
 
 from __future__ import annotations
@@ -20,22 +21,25 @@ from taskgrouping.engine.jobs import (JobResult, TrainingJob, assemble_networks,
                                       checkpoint_path, run_jobs, trained_model)
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult
+from taskgrouping.methods.options import MethodOptions
 from taskgrouping.engine.evaluation import evaluate
 from taskgrouping.engine.trainer import resolve_device
 
-#: Option defaults of every method that fans trainings out.
-FANOUT_OPTIONS: dict[str, Any] = {"backend": "sequential", "workers": None}
 
+@dataclass(frozen=True)
+class FanoutOptions(MethodOptions):
+    """Options of every method that fans trainings out: ``backend`` (``sequential``, ``processes`` or
+    ``ray``) and ``workers`` (processes or Ray tasks at once; ``None`` = one per CPU)."""
 
-def fanout_settings(ctx: MethodContext) -> tuple[str, int | None]:
-    """The method's ``backend`` and ``workers`` options, checked."""
-    backend = ctx.option("backend", "sequential")
-    workers = ctx.option("workers", None)
-    try:
-        check_backend(backend, workers)
-    except ValueError as exc:
-        raise ValueError(f"{ctx.name}: {exc}") from None
-    return backend, workers
+    backend: str = "sequential"
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            check_backend(self.backend, self.workers)
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith("workers") else f"backend: {msg}") from None
 
 
 def network_tag(ctx: MethodContext, prefix: str, tasks: Sequence[str], suffix: str = "") -> str:
@@ -50,11 +54,11 @@ def subset_job(ctx: MethodContext, tag: str, tasks: Sequence[str], **kw: Any) ->
                        resume=ctx.resume, **kw)
 
 
-def fan_out(ctx: MethodContext, jobs: Sequence[TrainingJob], backend: str | None = None) -> list[JobResult]:
-    """Run ``jobs`` with the method's backend (or ``backend``) and write every epoch record to the run's log."""
-    configured, workers = fanout_settings(ctx)
-    backend = backend or configured
-    results = run_jobs(ctx.run, jobs, backend=backend, workers=workers)
+def fan_out(ctx: MethodContext, jobs: Sequence[TrainingJob], opts: FanoutOptions,
+            backend: str | None = None) -> list[JobResult]:
+    """Run ``jobs`` with the method's backend (``opts.backend``, or ``backend`` when given) and write
+    every epoch record to the run's log."""
+    results = run_jobs(ctx.run, jobs, backend=backend or opts.backend, workers=opts.workers)
     for res in results:
         for record in res.history:
             ctx.log(dict(record, network=res.tag))

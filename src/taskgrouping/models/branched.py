@@ -211,17 +211,11 @@ def save_branched(model: BranchedModel, path: str | Path) -> None:
     if model.spec is None:
         raise ValueError("this model has no architecture spec (built from a custom backbone); save its "
                          "state_dict and rebuild it with your own code")
-    from safetensors.torch import save_file
+    from taskgrouping.io import atomic_write_json, save_state_dict
 
     base = Path(path)
-    weights = base.with_suffix(".safetensors")
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
-    spec_file = base.with_suffix(".json")
-    tmp = spec_file.with_name(spec_file.name + ".tmp")
-    tmp.write_text(json.dumps(model.spec, indent=1))
-    tmp.replace(spec_file)
+    save_state_dict(base.with_suffix(".safetensors"), model.state_dict())
+    atomic_write_json(base.with_suffix(".json"), model.spec)
 
 
 def load_branched(path: str | Path) -> BranchedModel:
@@ -249,9 +243,5 @@ def load_branched(path: str | Path) -> BranchedModel:
     return model
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["BranchedModel", "build_branched_model", "default_serves", "validate_groups", "count_parameters",
+__all__ = ["BranchedModel", "build_branched_model", "default_serves", "validate_groups",
            "save_branched", "load_branched", "HeadKey"]

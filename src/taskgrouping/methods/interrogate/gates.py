@@ -1,0 +1,91 @@
+"""InterroGate's gates (Bejnordi et al., ICML 2024, Sec. 3): per layer, task and channel, a learned
+choice between the task's own features and the shared ones, and the β mixture that feeds the
+shared stream. With ``φ_t`` task t's output and ``ψ`` the shared stream's output at one layer::
+
+    G_t   = 1[σ(α_t) > 0.5]                      (hard forward; straight-through dG/dα = σ'(α))
+    φ'_t  = G_t ⊙ φ_t + (1 − G_t) ⊙ ψ            (what task t's next layer reads)
+    ψ'    = Σ_t softmax_t(β)_c ⊙ φ'_t            (what the shared stream's next layer reads)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["straight_through_gate", "gate_select", "mix_streams", "GatePoint"]
+
+
+def straight_through_gate(alpha: Tensor) -> Tensor:
+    """``G = 1[σ(α) > 0.5]`` in the forward pass with gradient ``dG/dα = σ'(α)`` (straight-through
+    estimator through the sigmoid). The forward value is exactly 0 or 1."""
+    soft = torch.sigmoid(alpha)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + (soft - soft.detach())
+
+
+def _channel_view(v: Tensor, ndim: int, dim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[dim] = v.shape[0]
+    return v.reshape(shape)
+
+
+def gate_select(gate: Tensor, own: Tensor, shared: Tensor, dim: int) -> Tensor:
+    """``G ⊙ own + (1 − G) ⊙ shared`` with the per-channel gate broadcast along ``dim``."""
+    g = _channel_view(gate, own.ndim, dim).to(own.dtype)
+    return g * own + (1 - g) * shared
+
+
+def mix_streams(streams: Sequence[Tensor], weights: Tensor, dim: int) -> Tensor:
+    """``Σ_t weights[:, t] ⊙ streams[t]`` (weights ``C × T``), summed in task order so the gated
+    and the compiled networks produce the same bits."""
+    out: Tensor | None = None
+    for t, s in enumerate(streams):
+        term = _channel_view(weights[:, t], s.ndim, dim).to(s.dtype) * s
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+class GatePoint(nn.Module):
+    """The gate logits ``α`` (``T × C``) and mixing logits ``β`` (``C × T``) of one gated layer.
+
+    Args:
+        n_tasks: T.
+        channels: C, the layer's output channels.
+        channel_dim: where the channels are in the layer's output (1 for ``(B, C, ...)``, -1 for tokens).
+        init: initial value of every ``α`` (positive: start task-specific; ``β`` starts at 0, an
+            even mix).
+    """
+
+    def __init__(self, n_tasks: int, channels: int, channel_dim: int, init: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((n_tasks, channels), float(init)))
+        self.beta = nn.Parameter(torch.zeros(channels, n_tasks))
+        self.channel_dim = channel_dim
+
+    @property
+    def channels(self) -> int:
+        return self.alpha.shape[1]
+
+    def gates(self) -> Tensor:
+        """Straight-through gates ``G`` (T × C), 0/1 valued."""
+        return straight_through_gate(self.alpha)
+
+    def hard_gates(self) -> Tensor:
+        """``σ(α) > 0.5`` as a bool tensor (T × C), no graph."""
+        return torch.sigmoid(self.alpha.detach()) > 0.5
+
+    def mix_weights(self) -> Tensor:
+        """``softmax_t(β)`` (C × T)."""
+        return torch.softmax(self.beta, dim=1)
+
+    def select(self, shared: Tensor, own: Sequence[Tensor]) -> list[Tensor]:
+        """Every task's ``φ'_t`` from its own output and the shared output."""
+        g = self.gates()
+        return [gate_select(g[t], o, shared, self.channel_dim) for t, o in enumerate(own)]
+
+    def mix(self, streams: Sequence[Tensor]) -> Tensor:
+        """The shared stream's next input ``ψ'``."""
+        return mix_streams(streams, self.mix_weights(), self.channel_dim)
