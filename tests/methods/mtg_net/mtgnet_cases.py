@@ -4,13 +4,13 @@ loaded once, a small fast learner setting, and an outside brute-force reference 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
+from conftest import GROUPING_DATA
 
 from taskgrouping.methods.mtg_net import GainTable, load_mtgnet_gains
 
-ROOT = Path(__file__).resolve().parents[4] / "shared" / "grouping-data" / "mtg_net" / "collected_gain"
+ROOT = GROUPING_DATA / "mtg_net" / "collected_gain"
 # the small, paper-rule setting the MIMIC-27 and invariant tests run in (fast on one CPU thread)
 FAST = dict(dim=16, layers=1, epochs=15, warm_start=True, ensemble=1, weight_decay=5e-4, acquisition="active")
 

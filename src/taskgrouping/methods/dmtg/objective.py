@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from taskgrouping.balancing.task_gradients import task_gradients
 from taskgrouping.engine.hooks import ObjectiveBase, StepOutput
 from taskgrouping.methods.dmtg.model import DMTGModel
 from taskgrouping.methods.dmtg.options import DMTGOptions
@@ -68,12 +69,8 @@ class DMTGObjective(ObjectiveBase):
             idx, losses = model.branch_losses(k, f, targets, tasks)
             if len(idx) < 2 or not params:
                 continue
-            rows = []
-            for n in range(len(idx)):
-                g = torch.autograd.grad(losses[n], params, retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
-                                       for gi, p in zip(g, params)]))
-            G = F.normalize(torch.stack(rows).detach().float(), dim=1).cpu()
+            rows = task_gradients({model.task_names[i]: loss for i, loss in zip(idx, losses)}, params)
+            G = F.normalize(rows.float(), dim=1).cpu()
             sel = torch.tensor(idx)
             block = self.mates[k][sel[:, None], sel[None, :]]
             self.mates[k][sel[:, None], sel[None, :]] = decay * block + (1 - decay) * (G @ G.T)

@@ -14,6 +14,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from taskgrouping.balancing.task_gradients import iter_task_grads
+
 __all__ = ["lookahead_affinity"]
 
 
@@ -149,12 +151,11 @@ def lookahead_affinity(model: nn.Module, shared_params: Sequence[Tensor],
             raise ValueError(f"loss of tasks {zero_base} is exactly 0 before the step; the affinity ratio is undefined")
         n = len(names)
         # every gradient is taken before any parameter moves (in-place steps invalidate the graph)
-        all_grads = []
-        for i, source in enumerate(names):
+        for source in names:
             if not before[source].requires_grad:
                 raise ValueError(f"the loss of task {source!r} does not depend on any parameter requiring grad")
-            grads = torch.autograd.grad(before[source], params, retain_graph=i < n - 1, allow_unused=True)
-            all_grads.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)])
+        all_grads = [[torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+                     for grads in iter_task_grads([before[t] for t in names], params, retain_graph=False, names=names)]
         out = torch.empty(n, n, dtype=torch.float64)
         for i, grads in enumerate(all_grads):
             with torch.no_grad():
