@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from taskgrouping.config import build_config
-from taskgrouping.data.builtin import planted
 from taskgrouping.engine.driver import prepare_data
 from taskgrouping.metrics import norm_gain
 from taskgrouping.methods.base import MethodContext, available_methods

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from taskgrouping.methods.interrogate import (InterroGateObjective, InterroGateOptions, build_gated_network,
-                                              count_flops)
+from taskgrouping.flops import count_flops
+from taskgrouping.methods.interrogate import InterroGateObjective, InterroGateOptions, build_gated_network
 from taskgrouping.models.backbones import build_backbone, output_shape
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.models.heads import make_head

@@ -10,16 +10,10 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from taskgrouping.diagnostics import (
-    feature_disentanglement,
-    feature_disentanglement_from_saliency,
-    gradient_direction_matrix,
-    gradient_direction_similarity,
-    gradient_magnitude_matrix,
-    gradient_magnitude_similarity,
-    ranking_similarity,
-    ranking_similarity_gap,
-)
+from taskgrouping.diagnostics import (feature_disentanglement, feature_disentanglement_from_saliency,
+                                      gradient_direction_matrix, gradient_direction_similarity,
+                                      gradient_magnitude_matrix, gradient_magnitude_similarity, ranking_similarity,
+                                      ranking_similarity_gap)
 
 
 # -- GDS / GMS ------------------------------------------------------------------------------------

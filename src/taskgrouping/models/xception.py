@@ -23,8 +23,7 @@ Width. Standley's "half-sized" networks (cost 0.5) use ``sizes`` = :data:`HALF_S
 96, 192, then 512 instead of 728), channels x ~0.7 so that compute, which grows with the square of
 the width, roughly halves. ``width`` scales every entry of :data:`FULL_SIZES` and rounds to a
 multiple of 8; ``width=2**-0.5`` gives (24, 48, 88, 184, 512 ...), close to Standley's list, and
-the encoder's FLOPs fall to 0.505x (measured with ``torch.utils.flop_counter`` at 256x256:
-13.0 -> 6.56 GFLOPs; ``sizes=HALF_SIZES`` gives 0.52x). ``out_channels`` stays 512 as in Standley, whose half-sized
+about half the encoder's FLOPs. ``out_channels`` stays 512 as in Standley, whose half-sized
 networks keep the full 512-channel representation and decoders.
 """
 

@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 
 from mtgnet_cases import FAST, ROOT, as_sets, brute_force_best, load_table
-from taskgrouping.methods.mtg_net import (
-    MTGNetConfig,
-    active_sampling,
-    grouping_gain,
-    load_mtgnet_gains,
-    mtgnet_search,
-    search_from_sampling,
-    search_groups,
-)
+from taskgrouping.methods.mtg_net import (MTGNetConfig, active_sampling, grouping_gain, load_mtgnet_gains,
+                                          mtgnet_search, search_from_sampling, search_groups)
 from taskgrouping.methods.mtg_net.sampling import _challenger_pick
 
 
