@@ -1,36 +1,146 @@
-"""Command-line interface: ``taskgrouping run | datasets | methods | select | tag-select``.
+"""Command-line interface: ``taskgrouping run | datasets | methods | select | tag-select |
+balance-bench | interrogate-sweep``.
 
-Every user error is printed as one line ``error: ...`` on stderr with exit status 2; nothing is
-left half-written.
+Every command runs inside one error boundary (:class:`ErrorBoundary`): a user error, an OS error
+(a full disk, a path that is not writable), a damaged file, a resource error is printed as one line
+``error: ...`` on stderr with exit status 2 (``taskgrouping --debug ...`` shows the traceback
+instead); Ctrl-C prints how to continue and exits with 130. Nothing is left half-written, and an
+error found before training leaves nothing in ``--out``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import click
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Which tasks should be learned together, and how.")
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+_SETTINGS = {"debug": False}
+
+#: what an OS error means for the user, by errno
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on device; free some space and run again",
+    errno.EDQUOT: "disk quota exceeded; free some space and run again",
+    errno.EACCES: "permission denied; expected a path this user can read or write",
+    errno.EPERM: "operation not permitted; expected a path this user can read or write",
+    errno.EROFS: "read-only file system; expected a writable location",
+    errno.EISDIR: "is a directory; expected a file",
+    errno.ENOTDIR: "a part of the path is not a directory; expected a directory there",
+    errno.ENOENT: "does not exist",
+    errno.EEXIST: "already exists",
+    errno.ENAMETOOLONG: "file name too long",
+}
 
 
-def _fail(exc: BaseException) -> None:
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error instead of "
+                                        "one line.")) -> None:
+    """Which tasks should be learned together, and how."""
+    _SETTINGS["debug"] = debug
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def describe_error(exc: BaseException, subject: str | None = None) -> tuple[str, int]:
+    """The one-line message and exit status for an error; ``subject`` names the input being read
+    when the error itself names none (e.g. ``--affinity FILE``)."""
+    import yaml
+    from safetensors import SafetensorError
+
     from taskgrouping.engine.checkpoint import CheckpointError
     from taskgrouping.engine.trainer import TrainingDiverged
 
-    return USER_ERRORS + (TrainingDiverged, CheckpointError)
+    about = f"{subject}: " if subject else ""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        where = exc.filename if exc.filename is not None else subject
+        hint = _OS_HINTS.get(exc.errno, exc.strerror)
+        return _one_line(f"{where!s}: {hint}" if where else hint), 2
+    if isinstance(exc, json.JSONDecodeError):
+        return _one_line(f"{about}not valid JSON ({exc})"), 2
+    if isinstance(exc, KeyError) and exc.args:
+        return _one_line(str(exc.args[0])), 2
+    if isinstance(exc, USER_ERRORS + (CheckpointError, TrainingDiverged)):
+        return _one_line(str(exc) or type(exc).__name__), 2
+    if isinstance(exc, yaml.YAMLError):
+        return _one_line(f"{about}not valid YAML ({exc})"), 2
+    if isinstance(exc, SafetensorError):
+        return _one_line(f"{about or 'a weights file: '}not a valid safetensors file ({exc})"), 2
+    if isinstance(exc, RecursionError):
+        return f"{about or 'an input: '}nested too deeply (past Python's recursion limit); expected a flat file", 2
+    if isinstance(exc, MemoryError):
+        return (f"{about}out of memory; expected inputs that fit in memory (a smaller data set, "
+                "train.batch_size or model)"), 2
+    return _one_line(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
+                     "and report it"), 1
+
+
+class ErrorBoundary:
+    """Turns any error of a command into one line on stderr and an exit status (unless ``--debug``).
+
+    Args:
+        out: the command's output directory (set it as soon as it is known).
+        resumable: the command continues with ``--resume --out DIR``.
+        subject: the input the command reads, for errors that do not name it.
+    """
+
+    def __init__(self, out: Path | None = None, resumable: bool = False, subject: str | None = None) -> None:
+        self.out, self.resumable, self.subject = out, resumable, subject
+
+    def __enter__(self) -> "ErrorBoundary":
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or _SETTINGS["debug"] or isinstance(exc, (click.exceptions.Exit, click.ClickException,
+                                                                  click.Abort, SystemExit)):
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            typer.echo(f"interrupted: {self._how_to_continue()}", err=True)
+            raise typer.Exit(130)
+        if not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, BrokenPipeError):  # the reader went away (``| head``): nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1)
+        from taskgrouping.engine.trainer import TrainingDiverged
+
+        msg, code = describe_error(exc, self.subject)
+        if isinstance(exc, TrainingDiverged):
+            msg = f"{msg}; {self._how_to_continue(diverged=True)}"
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(code)
+
+    def _how_to_continue(self, diverged: bool = False) -> str:
+        out = self.out
+        if out is None or not out.is_dir():
+            return "nothing was written; run the command again"
+        if not self.resumable:
+            return f"{out} is incomplete and this command cannot resume; run it again with another --out"
+        if diverged:
+            return (f"{out} keeps every committed epoch: `--resume --out {out}` continues from the last one with "
+                    "the same config (and repeats the same steps); to change train.lr or the data, start a new --out")
+        return f"{out} keeps every committed epoch; continue with the same command and --resume --out {out}"
+
+
+def _input_file(option: str, path: Path | None) -> None:
+    """An input option must name an existing file."""
+    if path is None:
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"{option} {str(path)!r} does not exist; expected a file")
+    if not path.is_file():
+        raise ValueError(f"{option} {str(path)!r} is not a file; expected a file")
 
 
 @app.command()
@@ -41,26 +151,30 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML config file."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table.")) -> None:
     """Train the configured methods side by side on the same data and print the comparison table."""
-    from taskgrouping.config import build_config
-    from taskgrouping.experiment import run_experiment
+    with ErrorBoundary(resumable=True) as boundary:
+        from taskgrouping.config import build_config
+        from taskgrouping.experiment import run_experiment
 
-    try:
         cfg = build_config(config, preset, set_)
         if out is None:
             if resume:
                 raise ValueError("--resume needs --out DIR (the run to continue)")
             out = Path("runs") / f"{cfg.get('name') or 'run'}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        boundary.out = out
         run_experiment(cfg, out, resume=resume, echo=(lambda s: None) if quiet else typer.echo)
         if quiet:
             typer.echo((out / "table.md").read_text())
         typer.echo(f"results in {out}")
-    except _user_errors() as exc:
-        _fail(exc)
 
 
 @app.command()
 def datasets() -> None:
     """List the datasets and presets, with the tasks of the built-in ones."""
+    with ErrorBoundary():
+        _list_datasets()
+
+
+def _list_datasets() -> None:
     from taskgrouping.config import preset_names
     from taskgrouping.data.registry import available_datasets, load_dataset
 
@@ -82,12 +196,13 @@ def datasets() -> None:
 @app.command()
 def methods() -> None:
     """List the methods and their options."""
-    from taskgrouping.methods.base import METHOD_OPTIONS, available_methods
+    with ErrorBoundary():
+        from taskgrouping.methods.base import METHOD_OPTIONS, available_methods
 
-    for name, fn in sorted(available_methods().items()):
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        opts = ", ".join(f"{k}={v!r}" for k, v in METHOD_OPTIONS[name].defaults().items())
-        typer.echo(f"{name}: {doc}" + (f"  [options: {opts}]" if opts else ""))
+        for name, fn in sorted(available_methods().items()):
+            doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+            opts = ", ".join(f"{k}={v!r}" for k, v in METHOD_OPTIONS[name].defaults().items())
+            typer.echo(f"{name}: {doc}" + (f"  [options: {opts}]" if opts else ""))
 
 
 @app.command()
@@ -102,16 +217,20 @@ def select(losses: Path = typer.Option(..., "--losses", help="Per-network valida
                                                "of a Standley results file."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Standley et al. network selection under inference-time budgets."""
-    from taskgrouping.methods.standley.cli import select_cli
+    inputs = ", ".join(f"{o} {str(f)!r}" for o, f in (("--losses", losses), ("--report", report),
+                                                       ("--early", early)) if f is not None)
+    with ErrorBoundary(subject=inputs):
+        from taskgrouping.methods.standley.cli import select_cli
 
-    try:
+        for option, path in (("--losses", losses), ("--report", report), ("--early", early)):
+            _input_file(option, path)
         curve = select_cli(str(losses), budgets, report=str(report) if report else None, approx=approx,
                            early=str(early) if early else None, solver=solver,
                            tasks=tasks.split(",") if tasks else None)
-    except USER_ERRORS as exc:
-        _fail(exc)
     if as_json:
-        typer.echo(json.dumps(curve))
+        from taskgrouping.io import strict_json
+
+        typer.echo(strict_json(curve))
         return
     typer.echo("| budget | total | networks |\n|---|---|---|")
     for budget, sel in curve.items():
@@ -124,14 +243,15 @@ def tag_select(affinity: Path = typer.Option(..., "--affinity", help="JSON {reci
                groups: int = typer.Option(..., "--groups", "-k", help="At most this many groups."),
                as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """TAG group selection from an inter-task affinity matrix (overlap allowed)."""
-    from taskgrouping.methods.tag.cli import tag_select_cli
+    with ErrorBoundary(subject=f"--affinity {str(affinity)!r}"):
+        from taskgrouping.methods.tag.cli import tag_select_cli
 
-    try:
+        _input_file("--affinity", affinity)
         result = tag_select_cli(affinity, groups)
-    except USER_ERRORS as exc:
-        _fail(exc)
     if as_json:
-        typer.echo(json.dumps(result))
+        from taskgrouping.io import strict_json
+
+        typer.echo(strict_json(result))
         return
     for i, g in enumerate(result["groups"]):
         served = [t for t, k in result["serves"].items() if k == i]
@@ -150,8 +270,16 @@ def _config(config: Optional[Path], preset: Optional[str], overrides: list[str])
     return cfg
 
 
-def _csv(text: str, cast=str) -> list:
-    return [cast(v.strip()) for v in text.split(",") if v.strip()]
+def _csv(text: str, cast=str, option: str = "") -> list:
+    values = []
+    for v in (v.strip() for v in text.split(",")):
+        if v:
+            try:
+                values.append(cast(v))
+            except ValueError:
+                raise ValueError(f"{option} {text!r}: {v!r} is not a {cast.__name__}; expected a comma-separated "
+                                 f"list of {cast.__name__}s") from None
+    return values
 
 
 @app.command("balance-bench")
@@ -167,15 +295,15 @@ def balance_bench(config: Optional[Path] = typer.Argument(None, help="YAML confi
                   set_: list[str] = typer.Option([], "--set", "-s")) -> None:
     """Balancers x {parameter, feature level} on naive MTL: the paper-style table (Mao et al.) with
     arrows vs EW, Delta_MTL, mean rank, and the ranking similarity of GDS / GMS / FD."""
-    from taskgrouping.balancing.study import run_benchmark
+    with ErrorBoundary(out=out):
+        from taskgrouping.balancing.study import run_benchmark
+        from taskgrouping.engine.driver import discard_on_error
 
-    try:
         cfg = _config(config, preset, set_)
-        run_benchmark(cfg, _csv(balancers), _csv(levels), _csv(seeds, int), out, diagnostics_every,
-                      diagnostics_level=diagnostics_level, echo=typer.echo)
+        with discard_on_error(out):
+            run_benchmark(cfg, _csv(balancers), _csv(levels), _csv(seeds, int, "--seeds"), out, diagnostics_every,
+                          diagnostics_level=diagnostics_level, echo=typer.echo)
         typer.echo(f"results in {out}")
-    except _user_errors() as exc:
-        _fail(exc)
 
 
 @app.command("interrogate-sweep")
@@ -188,14 +316,15 @@ def interrogate_sweep(config: Optional[Path] = typer.Argument(None, help="YAML c
                       set_: list[str] = typer.Option([], "--set", "-s")) -> None:
     """InterroGate's accuracy / FLOPs trade-off over lambda_s against STL and naive MTL (paper Fig. 2),
     with the per-layer sharing pattern (Fig. 3)."""
-    from taskgrouping.methods.interrogate import interrogate_sweep_cli
+    with ErrorBoundary(out=out):
+        from taskgrouping.engine.driver import discard_on_error
+        from taskgrouping.methods.interrogate import interrogate_sweep_cli
 
-    try:
         cfg = _config(config, preset, set_)
-        typer.echo(interrogate_sweep_cli(cfg, _csv(lambdas, float), _csv(seeds, int), out))
+        with discard_on_error(out):
+            typer.echo(interrogate_sweep_cli(cfg, _csv(lambdas, float, "--lambdas"), _csv(seeds, int, "--seeds"),
+                                             out))
         typer.echo(f"results in {out}")
-    except _user_errors() as exc:
-        _fail(exc)
 
 
 def main() -> None:

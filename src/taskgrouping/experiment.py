@@ -3,24 +3,27 @@
 ``DIR/config.yaml`` (the resolved config), ``DIR/metrics.jsonl`` (one record per network and epoch),
 ``DIR/results.json`` and ``DIR/table.md`` (written atomically at the end, never partially),
 ``DIR/checkpoints/<method>/<network>/`` (resumable), ``DIR/partial/<method>.json`` (finished
-methods, so a resumed run skips them) and ``DIR/models/<method>.safetensors`` (final weights).
+methods, so a resumed run skips them), ``DIR/models/<method>.safetensors`` (final weights),
+``DIR/data_fingerprint.json`` (what ``--resume`` checks the data against) and ``DIR/.lock`` (held
+while a command works in the directory). Every JSON file is strict JSON (NaN / inf as ``null``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from safetensors.torch import load_file
 
 from taskgrouping.config import ConfigError
 from taskgrouping.data.base import TaskData
-from taskgrouping.engine.driver import Driver, prepare_data
+from taskgrouping.engine.checkpoint import CheckpointError
+from taskgrouping.engine.driver import Driver, discard_on_error, prepare_data
 from taskgrouping.grouping.grouping import Grouping
-from taskgrouping.io import atomic_write_text, save_state_dict
+from taskgrouping.io import atomic_write_json, atomic_write_text, save_state_dict
 from taskgrouping.methods.base import MethodContext, MethodResult, available_methods, method_options
 from taskgrouping.metrics import delta_mtl, mean_rank, norm_gain, summary_convention, total
 from taskgrouping.report import results_table
@@ -31,10 +34,16 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
     """Run every method of ``config`` on the same data and write the results directory.
 
     Raises ``ConfigError`` / ``ValueError`` / ``FileNotFoundError`` before anything is written when
-    the config or the data is wrong.
+    the config, the data or the output directory is wrong (``--resume`` on another config or other
+    data, a directory another run holds); a failure before any training leaves nothing behind.
     """
-    driver = Driver(config, out_dir, resume)
+    with discard_on_error(out_dir), Driver(config, out_dir, resume) as driver:
+        return _run(driver, config, resume, echo)
+
+
+def _run(driver: Driver, config: dict[str, Any], resume: bool, echo: Callable[[str], None]) -> dict[str, Any]:
     out = driver.out
+    driver.check_out_dir(can_resume=True)  # first: a directory another run holds is refused at once
     data = prepare_data(config)
     methods = available_methods()
     for name in config["methods"]:  # options that cannot work on this data, before anything is written
@@ -42,7 +51,6 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
             method_options(name, config.get(name)).check_data(data)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    driver.check_out_dir(can_resume=True)
     driver.open()
     (out / "partial").mkdir(exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
@@ -51,10 +59,11 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
     results: dict[str, MethodResult | dict[str, Any]] = {}
     for name in config["methods"]:
         partial = out / "partial" / f"{name}.json"
-        ctx = driver.context(data, name, workdir=out / "checkpoints" / name, log=driver.logger(metrics_file, method=name),
-                             cache=cache, figures_dir=out / "figures", diagnostics=True)
+        log = driver.logger(metrics_file, resume=resume, method=name)
+        ctx = driver.context(data, name, workdir=out / "checkpoints" / name, log=log, cache=cache,
+                             figures_dir=out / "figures", diagnostics=True)
         if resume and partial.is_file():
-            results[name] = json.loads(partial.read_text())
+            results[name] = _read_partial(partial)
             echo(f"[{name}] already finished; loaded {partial}")
             if name == "naive_mtl":
                 _restore_naive(ctx, out, results[name])
@@ -68,7 +77,7 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
         record["variants"] = {f"{name}/{v}": method_record(r, data) for v, r in variants.items()}
         if res.model is not None:
             save_state_dict(out / "models" / f"{name}.safetensors", res.model.state_dict())
-        atomic_write_text(partial, json.dumps(record, indent=1, default=_json_float))
+        atomic_write_json(partial, record, strict=True)
         results[name] = record
         echo(f"[{name}] total test loss {record['total_test_loss']:.4f}; groups {record['grouping']}")
     for name in list(results):  # variants (e.g. DMTG's grouping retrained) become rows of their own
@@ -76,16 +85,27 @@ def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = F
     summary = summarise(config, data, results)
     summary.update(driver.provenance())
     table = results_table(summary)
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_float))
+    atomic_write_json(out / "results.json", summary, strict=True)
     atomic_write_text(out / "table.md", table + "\n")
     echo(table)
     return summary
 
 
-def _json_float(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return float(obj)
+def _read_partial(path: Path) -> dict[str, Any]:
+    """A finished method's record; a damaged file is reported, naming it."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); expected the record of a finished method: "
+                              "delete it to train that method again") from None
+    if not isinstance(record, dict) or "per_task" not in record:
+        raise CheckpointError(f"{str(path)!r} is not a method record (no 'per_task'); delete it to train that "
+                              "method again")
+    for key in ("per_task", "val_per_task"):  # metrics written as null (NaN is not JSON) are NaN again
+        for metrics in (record.get(key) or {}).values():
+            if isinstance(metrics, dict):
+                metrics.update({m: math.nan for m, v in metrics.items() if v is None})
+    return record
 
 
 def _restore_naive(ctx: MethodContext, out: Path, record: dict[str, Any]) -> None:
@@ -93,7 +113,13 @@ def _restore_naive(ctx: MethodContext, out: Path, record: dict[str, Any]) -> Non
     weights = out / "models" / "naive_mtl.safetensors"
     if weights.is_file():
         model = ctx.build_model(Grouping.from_json({"groups": record["grouping"], "serves": record["serves"]}))
-        model.load_state_dict(load_file(str(weights)))
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except Exception as exc:  # truncated, corrupted or another model's weights: never used silently
+            raise CheckpointError(f"{str(weights)!r} is unreadable or does not fit the naive_mtl model "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())}); expected the weights "
+                                  "this run saved: delete it and partial/naive_mtl.json to train naive_mtl again"
+                                  ) from None
         ctx.cache["naive_mtl_model"] = model
 
 

@@ -64,7 +64,7 @@ def test_nan_loss_names_the_task():
 def test_unreadable_checkpoint(tmp_path):
     data, model = _setup()
     _fit(model, data, 1, checkpoint_dir=tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "epoch_0" / "model.safetensors").write_bytes(b"not a safetensors file")
     _, fresh = _setup()
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         _fit(fresh, data, 2, checkpoint_dir=tmp_path, resume=True)

@@ -238,7 +238,7 @@ def run_benchmark(config: Mapping[str, Any], balancers: Sequence[str], levels: S
             probe = context("probe", {"name": "ew"})
             torch.manual_seed(seed)
             check_model_fits(build(probe), probe, runs, DiagnosticsCallback(diagnostics_every, diagnostics_level))
-            out.mkdir(parents=True, exist_ok=True)
+            driver.open(write_config=False)  # the directory and its lock, once every check passed
         echo(f"[seed {seed}] single-task reference on {data.name} ({len(data.tasks)} tasks)")
         stl = single_task(context("stl", {"name": "ew", "options": {}}))
         seed_rec: dict[str, Any] = {"seed": seed, "stl": {"per_task": stl.per_task, "train_seconds": stl.train_seconds},
@@ -270,10 +270,11 @@ def run_benchmark(config: Mapping[str, Any], balancers: Sequence[str], levels: S
                    dataset={"name": data.name, "tasks": data.task_names}, conventions=conventions(diagnostics_level))
     table = benchmark_table(summary)
     summary["table"] = table
-    atomic_write_json(out / "benchmark.json", summary)
+    atomic_write_json(out / "benchmark.json", summary, strict=True)
     atomic_write_text(out / "table.md", table + "\n")
     plot_trajectories(histories, out / "trajectories.png",
                       title=f"{data.name}: diagnostics during training (seed {seeds[0]}, level {diagnostics_level})")
+    driver.close()
     echo(table)
     return table
 

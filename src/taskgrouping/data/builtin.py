@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taskgrouping.data.base import TaskData, TensorTaskDataset
+from taskgrouping.data.checks import check_allocation
 from taskgrouping.data.registry import register_dataset
 from taskgrouping.tasks import Task
 
@@ -85,8 +86,11 @@ def planted(n_tasks: int = 9, group_sizes: Sequence[int] | None = None, input_di
     if independent_labels and max(group_sizes) > feature_dim * (feature_dim + 1) // 2:
         raise ValueError(f"data.independent_labels needs group sizes <= {feature_dim * (feature_dim + 1) // 2} (the "
                          f"quadratics of data.feature_dim={feature_dim} features), got {group_sizes}")
-    g = torch.Generator().manual_seed(int(seed))
     n_all = n_train + n_val + n_test
+    check_allocation(f"data: planted with {n_all} samples of data.input_dim={input_dim}",
+                     8 * (n_all * (input_dim + feature_dim + 2 * n_tasks) + input_dim * input_dim
+                          + len(group_sizes) * feature_dim * input_dim))
+    g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_all, input_dim, generator=g)
     names, groups, ys = [], [], []
     n_groups = len(group_sizes)
@@ -181,12 +185,16 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_overlay_options(n_train: int, n_val: int, n_test: int, image_size: int, offset: int,
-                          source_split: Sequence[float]) -> None:
-    """The option checks shared by the overlaid-MNIST datasets (one-line ``ValueError`` each)."""
+                          source_split: Sequence[float], maps_per_image: int = 1) -> None:
+    """The option checks shared by the overlaid-MNIST datasets (one-line ``ValueError`` each);
+    ``maps_per_image``: float maps of ``image_size`` squared kept per image (inputs and targets)."""
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("image_size", image_size)):
         _check_positive(name, value)
     if offset < 0:
         raise ValueError(f"data.offset must be >= 0, got {offset}")
+    n_all = n_train + n_val + n_test
+    check_allocation(f"data: {n_all} images of data.image_size={image_size} (data.offset={offset})",
+                     8 * n_all * ((28 + offset) ** 2 + (maps_per_image + 1) * image_size ** 2))
     if len(source_split) != 3 or abs(sum(source_split) - 1) > 1e-6 or min(source_split) <= 0:
         raise ValueError(f"data.source_split must be three positive fractions summing to 1, got {list(source_split)}")
 

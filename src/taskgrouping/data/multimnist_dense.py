@@ -84,7 +84,8 @@ def multimnist_dense(n_train: int = 600, n_val: int = 200, n_test: int = 1000, i
             often stalls on the constant-background solution of these mostly empty maps.)
         seed: pairing seed.
     """
-    check_overlay_options(n_train, n_val, n_test, image_size, offset, source_split)
+    check_overlay_options(n_train, n_val, n_test, image_size, offset, source_split,
+                          maps_per_image=2 * len(DENSE_MAPS))
     if isinstance(maps, str) or not maps or any(m not in DENSE_MAPS for m in maps) or len(set(maps)) != len(maps):
         raise ValueError(f"data.maps must be a non-empty list of distinct names from {list(DENSE_MAPS)}, got {maps!r}")
     if not 0 < label_fraction <= 1:

@@ -7,18 +7,79 @@ shape; ``y`` as samples x tasks, NaN = missing label), ``task_names`` (strings) 
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from taskgrouping.data.base import TaskData, TensorTaskDataset
+from taskgrouping.data.checks import check_allocation, format_bytes
 from taskgrouping.data.registry import register_dataset
 from taskgrouping.tasks import Task
 
 REQUIRED = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "task_names", "task_types")
 NPZ_TASK_TYPES = ("binary", "regression")
+
+
+def _read_header(fh: Any) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def check_headers(file: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name -> (shape, dtype) of every ``.npy`` array of ``file``, read from the headers alone and
+    checked before anything is allocated: no pickled objects, inputs and labels numeric, every array
+    no larger than the file holds, all of them together within the memory available."""
+    declared: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    sizes: dict[str, int] = {}
+    try:
+        with zipfile.ZipFile(file) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with zf.open(info) as fh:
+                    shape, dtype = _read_header(fh)
+                    header = fh.tell()
+                declared[name] = (shape, dtype)
+                sizes[name] = math.prod(shape) * dtype.itemsize
+                if dtype.hasobject:
+                    raise ValueError(f"{file}: array {name!r} holds pickled Python objects (dtype {dtype}); "
+                                     "expected plain numeric or string arrays")
+                if sizes[name] > info.file_size - header:
+                    raise ValueError(f"{file}: array {name!r} declares shape {shape} of {dtype} "
+                                     f"({format_bytes(sizes[name])}) but the file holds "
+                                     f"{format_bytes(max(info.file_size - header, 0))} for it; expected an intact "
+                                     ".npz file")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        text = str(exc)
+        raise ValueError(text if text.startswith(str(file)) else
+                         f"{file}: not a readable .npz file without pickled objects ({exc})") from None
+    for split in ("train", "val", "test"):
+        for kind, what in (("x", "inputs"), ("y", "labels")):
+            entry = declared.get(f"{kind}_{split}")
+            numeric = np.issubdtype(entry[1], np.integer) or np.issubdtype(entry[1], np.floating) if entry else True
+            if not numeric and not (kind == "y" and entry[1] == np.bool_):
+                raise ValueError(f"{file}: {kind}_{split} has dtype {entry[1]} ({_dtype_words(entry[1])}); "
+                                 f"expected numeric {what}" + (" (0/1 for binary tasks, NaN = missing)"
+                                                                if kind == "y" else ""))
+    # loaded arrays, then a float copy of each (at most 8 bytes per element)
+    need = sum(sizes[k] + 8 * math.prod(declared[k][0]) for k in declared)
+    if declared:
+        big = max(sizes, key=sizes.get)
+        check_allocation(f"{file}: loading its arrays (the largest, {big!r}, declares shape {declared[big][0]} "
+                         f"of {declared[big][1]}, {format_bytes(sizes[big])})", need)
+    return declared
+
+
+def _dtype_words(dtype: np.dtype) -> str:
+    return {"U": "strings", "S": "bytes", "c": "complex numbers", "M": "dates", "m": "time spans",
+            "V": "raw records"}.get(dtype.kind, f"kind {dtype.kind!r}")
 
 
 @register_dataset("npz")
@@ -29,11 +90,14 @@ def npz(path: str | None = None) -> TaskData:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"data.path {str(file)!r} does not exist; expected a .npz file")
+    declared = check_headers(file)
     try:
         with np.load(file, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            arrays = {k: z[k] for k in z.files if k in declared}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{file}: not a readable .npz file without pickled objects ({exc})") from None
+    except MemoryError:
+        raise ValueError(f"{file}: its arrays do not fit in the memory available") from None
     missing = [k for k in REQUIRED if k not in arrays]
     if missing:
         raise ValueError(f"{file}: missing array(s) {missing}; expected {list(REQUIRED)}")
@@ -80,5 +144,8 @@ def npz(path: str | None = None) -> TaskData:
                     raise ValueError(f"{file}: task {n!r} has an infinite label in y_{split}")
                 targets[n] = torch.from_numpy(col.astype(np.float32)[:, None])
         splits.append(TensorTaskDataset(torch.from_numpy(x.astype(np.float32)), targets))
-    tasks = [Task(n, "binary" if t == "binary" else "regression") for n, t in zip(names, types)]
-    return TaskData("npz", tasks, *splits, input_shape=input_shape, groups=None, info={"path": str(file)})
+    try:
+        tasks = [Task(n, "binary" if t == "binary" else "regression") for n, t in zip(names, types)]
+        return TaskData("npz", tasks, *splits, input_shape=input_shape, groups=None, info={"path": str(file)})
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from None

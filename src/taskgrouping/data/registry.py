@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from taskgrouping.data.base import TaskData
-from taskgrouping.registry import check_options, import_modules
+from taskgrouping.option_values import check_factory_options
+from taskgrouping.registry import import_modules
 
 Loader = Callable[..., TaskData]
 DATASETS: dict[str, Loader] = {}
@@ -33,9 +34,14 @@ def available_datasets() -> dict[str, Loader]:
 
 def load_dataset(name: str, **options: Any) -> TaskData:
     """Load dataset ``name`` with ``options``; clear errors for unknown names and options."""
+    check_dataset_options(name, options)
+    return DATASETS[name](**options)
+
+
+def check_dataset_options(name: Any, options: dict[str, Any]) -> None:
+    """``name`` is a registered dataset and ``options`` are options its loader accepts, each of the
+    annotated type (``ValueError`` naming ``data.<key>``); ranges are the loader's own checks."""
     loaders = available_datasets()
-    if name not in loaders:
+    if not isinstance(name, str) or name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(loaders)}")
-    fn = loaders[name]
-    check_options(fn, options, f"dataset {name!r}", prefix="data.")
-    return fn(**options)
+    check_factory_options(loaders[name], options, f"dataset {name!r}", prefix="data.")

@@ -37,6 +37,7 @@ class RunContext:
         model: the config's ``model`` section (``backbone``, ``options``, ``shared_blocks``).
         balancer: the config's ``balancer`` section (``name``, ``options``).
         diagnostics: the config's ``diagnostics`` section (``every``, ``level``).
+        data_key: a fingerprint of the data (what the job cache keys on; ``""``: unknown, no caching).
     """
 
     data: TaskData
@@ -45,6 +46,7 @@ class RunContext:
     model: Mapping[str, Any] = field(default_factory=dict)
     balancer: Mapping[str, Any] = field(default_factory=dict)
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    data_key: str = ""
 
 
 class Fitted(NamedTuple):

@@ -24,10 +24,9 @@ exactly network ``k``.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -38,6 +37,9 @@ from taskgrouping.engine.checkpoint import Checkpoint
 from taskgrouping.engine.fit import RunContext, build_model, fit
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.models.branched import BranchedModel
+
+if TYPE_CHECKING:
+    from taskgrouping.engine.job_cache import JobCache
 
 Backend = Literal["sequential", "processes", "ray"]
 BACKENDS: tuple[str, ...] = ("sequential", "processes", "ray")
@@ -123,7 +125,7 @@ def train_job(ctx: RunContext, job: TrainingJob) -> JobResult:
         if not target.exists:
             if not source.exists:
                 raise FileNotFoundError(f"job {job.tag!r}: no checkpoint to continue from in {job.init_from}")
-            shutil.copytree(source.dir, target.dir, dirs_exist_ok=True)
+            source.copy_to(target.dir)
         resume = True
     result, val, test = fit(ctx, model, tag=job.tag, tasks=tasks, config=config, checkpoint_dir=job.checkpoint_dir,
                             resume=resume)
@@ -172,13 +174,21 @@ def check_backend(backend: str, workers: int | None) -> None:
 
 
 def run_jobs(ctx: RunContext, jobs: Sequence[TrainingJob], backend: Backend = "sequential",
-             workers: int | None = None) -> list[JobResult]:
+             workers: int | None = None, cache: JobCache | None = None,
+             on_result: Callable[[JobResult, bool], None] | None = None, ray_address: str | None = None,
+             cpus_per_job: float = 1.0, gpus_per_job: float = 0.0) -> list[JobResult]:
     """Train every job and return the results in the order of ``jobs``.
 
     Args:
         backend: ``"sequential"``, ``"processes"`` or ``"ray"`` (see the module docstring).
         workers: processes (or concurrent Ray tasks) at once; ``None`` = ``os.cpu_count()``.
             Ignored by the sequential backend.
+        cache: finished jobs found there are not trained again, and every job is stored there as
+            soon as it finishes (used only when ``ctx.data_key`` identifies the data).
+        on_result: called with ``(result, from_cache)`` as each result becomes available.
+        ray_address: a running Ray cluster to connect to (``None``: ``RAY_ADDRESS`` if set, else a
+            local Ray started for this fan-out).
+        cpus_per_job, gpus_per_job: Ray resources of one job (fractions allowed).
 
     Raises:
         ValueError: unknown backend, bad ``workers``, duplicate job tags, Ray missing.
@@ -189,24 +199,59 @@ def run_jobs(ctx: RunContext, jobs: Sequence[TrainingJob], backend: Backend = "s
     if len(set(tags)) != len(tags):
         dup = next(t for t in tags if tags.count(t) > 1)
         raise ValueError(f"job tag {dup!r} is used twice; every job needs its own tag")
+    from taskgrouping.engine.job_cache import job_key
+
+    cache = cache if cache is not None and ctx.data_key else None
+    keys = [job_key(ctx, j) for j in jobs] if cache is not None else [None] * len(jobs)
+    results: list[JobResult | None] = [cache.get(k, j.tag) if cache is not None else None
+                                       for k, j in zip(keys, jobs)]
+    for res in results:
+        if res is not None and on_result is not None:
+            on_result(res, True)
+    todo = [i for i, r in enumerate(results) if r is None]
+
+    def finished(i: int, res: JobResult) -> None:
+        if cache is not None:
+            cache.put(keys[i], res)
+        if on_result is not None:
+            on_result(res, False)
+        results[i] = res
+
+    for i, res in zip(todo, _train_all(ctx, [jobs[i] for i in todo], backend, workers, ray_address, cpus_per_job,
+                                       gpus_per_job)):
+        finished(i, res)
+    return [r for r in results if r is not None]
+
+
+def _train_all(ctx: RunContext, jobs: list[TrainingJob], backend: str, workers: int | None, ray_address: str | None,
+               cpus: float, gpus: float) -> Iterator[JobResult]:
+    """Results of ``jobs`` in order, each yielded as soon as it (and those before it) finished."""
     if not jobs:
-        return []
+        return
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
     if backend == "sequential":
-        return [train_job(ctx, j) for j in jobs]
+        for j in jobs:
+            yield train_job(ctx, j)
+        return
     if backend == "processes":
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(ctx,)) as pool:
-            return list(pool.map(_worker_train, jobs))
+            yield from pool.map(_worker_train, jobs)
+        return
     ray = _import_ray()
     if not ray.is_initialized():
-        ray.init(num_cpus=n_workers, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(_ray_train)
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        if address:  # an existing cluster: its own resources
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=n_workers, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_ray_train)
     ctx_ref = ray.put(ctx)
-    return list(ray.get([remote.remote(ctx_ref, j) for j in jobs]))
+    for ref in [remote.remote(ctx_ref, j) for j in jobs]:
+        yield ray.get(ref)
 
 
 def trained_model(ctx: RunContext, job: TrainingJob, result: JobResult) -> BranchedModel:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from taskgrouping.balancing.base import Balancer
-from taskgrouping.engine.checkpoint import Checkpoint, CheckpointError
+from taskgrouping.engine.checkpoint import Checkpoint, CheckpointError, error_line
 from taskgrouping.engine.evaluation import Predict, evaluate, total_loss
 from taskgrouping.engine.hooks import Callback, Objective, TaskLossObjective
 from taskgrouping.tasks import Task
@@ -57,16 +57,25 @@ class TrainConfig:
     grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0, "optimizer": self.optimizer in ("adam", "adamw", "sgd"),
-            "schedule": self.schedule in ("none", "step", "plateau"), "select": self.select in ("best_val", "last"),
-            "device": self.device in ("auto", "cpu", "cuda"), "early_stopping": self.early_stopping >= 0,
-            "step_size": self.step_size >= 1, "gamma": self.gamma > 0, "grad_clip": self.grad_clip >= 0,
+        """Every field typed and ranged; a bad one is a ``ValueError`` naming ``train.<field>``."""
+        import dataclasses
+        import typing
+
+        from taskgrouping.option_values import check_value
+
+        hints = typing.get_type_hints(TrainConfig)
+        positive, non_negative = {"low": 0, "low_open": True}, {"low": 0}
+        rules: dict[str, dict[str, Any]] = {
+            "epochs": {"low": 1}, "batch_size": {"low": 1}, "optimizer": {"choices": ("adam", "adamw", "sgd")},
+            "lr": positive, "weight_decay": non_negative, "momentum": {"low": 0, "high": 1, "high_open": True},
+            "schedule": {"choices": ("none", "step", "plateau")}, "step_size": {"low": 1},
+            "gamma": dict(positive, **({"high": 1, "high_open": True} if self.schedule == "plateau" else {})),
+            "plateau_patience": non_negative, "early_stopping": non_negative,
+            "select": {"choices": ("best_val", "last")}, "device": {"choices": ("auto", "cpu", "cuda")},
+            "grad_clip": non_negative,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid train.{bad[0]}={getattr(self, bad[0])!r}")
+        for f in dataclasses.fields(self):
+            check_value(f"train.{f.name}", getattr(self, f.name), hints[f.name], **rules.get(f.name, {}))
 
 
 @dataclass
@@ -167,7 +176,7 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
     run = _Progress([], {"val_loss": math.inf, "epoch": -1, "bad_epochs": 0},
                     {k: v.detach().clone() for k, v in model.state_dict().items()})
     if ckpt is not None and resume and ckpt.exists:
-        run = _restore(ckpt, model, optimizer, scheduler, objective, balancer, callbacks)
+        run = _restore(ckpt, model, optimizer, scheduler, objective, balancer, callbacks, seed, config)
 
     for cb in callbacks:
         cb.on_train_start(model, optimizer)
@@ -260,25 +269,40 @@ def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, bal
     return {k: v / max(n_batches, 1) for k, v in sums.items()}, n_batches
 
 
+# settings a checkpoint must share with the run that continues it (the epoch count may grow)
+_RESUME_KEYS = ("batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule", "step_size", "gamma",
+                "plateau_patience", "select", "grad_clip")
+
+
 def _restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             objective: Objective, balancer: Balancer, callbacks: Sequence[Callback]) -> _Progress:
+             objective: Objective, balancer: Balancer, callbacks: Sequence[Callback], seed: int,
+             config: TrainConfig) -> _Progress:
     """Load the checkpoint into the model, optimiser, scheduler, objective, balancer and callbacks."""
     weights, best_weights, opt_state, state = ckpt.load()
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    mine = asdict(config)
+    differ = [f"seed {state.get('seed')!r} (now {seed!r})"] if state.get("seed", seed) != seed else []
+    differ += [f"train.{k}={saved[k]!r} (now {mine[k]!r})" for k in _RESUME_KEYS if k in saved and saved[k] != mine[k]]
+    if differ:
+        raise CheckpointError(f"checkpoint in {ckpt.dir} was written with {', '.join(differ)}; resume with the "
+                              f"same settings or delete {ckpt.dir} to train this network again from its first epoch")
     try:
         model.load_state_dict(weights)
         optimizer.load_state_dict(opt_state)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint in {ckpt.dir} does not fit this model/optimiser: {exc}") from None
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if state.get("objective") is not None:
-        objective.load_state_dict(state["objective"])
-    if state.get("balancer") is not None:
-        balancer.load_state_dict(state["balancer"])
-    for cb, cb_state in zip(callbacks, state.get("callbacks") or []):
-        if cb_state is not None:
-            cb.load_state_dict(cb_state)
-    return _Progress(state["history"], state["best"], best_weights, state["epoch"] + 1, float(state.get("elapsed", 0.0)))
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("objective") is not None:
+            objective.load_state_dict(state["objective"])
+        if state.get("balancer") is not None:
+            balancer.load_state_dict(state["balancer"])
+        for cb, cb_state in zip(callbacks, state.get("callbacks") or []):
+            if cb_state is not None:
+                cb.load_state_dict(cb_state)
+        return _Progress(list(state["history"]), dict(state["best"]), best_weights, int(state["epoch"]) + 1,
+                         float(state.get("elapsed", 0.0)))
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint in {ckpt.dir} does not fit this model/optimiser ({error_line(exc)}); "
+                              f"delete {ckpt.dir} to train this network again from its first epoch") from None
 
 
 def _progress(it: Iterable, desc: str, enabled: bool, **kw: Any) -> Iterable:

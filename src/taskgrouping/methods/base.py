@@ -28,7 +28,8 @@ O = TypeVar("O", bound=MethodOptions)
 @dataclass
 class MethodContext:
     """Everything a method may use. ``cache`` is shared by the methods of one run (e.g. the trained
-    naive-MTL model that warm starts use)."""
+    naive-MTL model that warm starts use); ``jobs_dir`` is the job cache of the fanned-out trainings
+    (:mod:`taskgrouping.engine.job_cache`), keyed on ``data_key``, the data's fingerprint."""
 
     data: TaskData
     seed: int
@@ -44,6 +45,8 @@ class MethodContext:
     name: str = ""
     diagnostics: dict[str, Any] = field(default_factory=dict)
     figures_dir: Path | None = None
+    jobs_dir: Path | None = None
+    data_key: str = ""
 
     def loaders(self) -> tuple[DataLoader, DataLoader, DataLoader]:
         """(train shuffled, val, test) loaders with the configured batch size."""
@@ -55,7 +58,7 @@ class MethodContext:
     def run(self) -> RunContext:
         """What every network of this run shares (see :class:`~taskgrouping.engine.fit.RunContext`)."""
         return RunContext(self.data, self.seed, self.train, dict(self.model), dict(self.balancer),
-                          dict(self.diagnostics))
+                          dict(self.diagnostics), self.data_key)
 
     def build_model(self, grouping: Grouping) -> BranchedModel:
         """A freshly initialised branched model for ``grouping`` (:func:`~taskgrouping.engine.fit.build_model`)."""

@@ -17,11 +17,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from taskgrouping.engine.job_cache import JobCache
 from taskgrouping.engine.jobs import (JobResult, TrainingJob, assemble_networks, check_backend,
                                       checkpoint_path, run_jobs, trained_model)
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult
-from taskgrouping.methods.options import MethodOptions
+from taskgrouping.methods.options import MethodOptions, expect, expect_number
 from taskgrouping.engine.evaluation import evaluate
 from taskgrouping.engine.trainer import resolve_device
 
@@ -29,10 +30,15 @@ from taskgrouping.engine.trainer import resolve_device
 @dataclass(frozen=True)
 class FanoutOptions(MethodOptions):
     """Options of every method that fans trainings out: ``backend`` (``sequential``, ``processes`` or
-    ``ray``) and ``workers`` (processes or Ray tasks at once; ``None`` = one per CPU)."""
+    ``ray``), ``workers`` (processes or Ray tasks at once; ``None`` = one per CPU), and for Ray
+    ``ray_address`` (a running cluster; ``None``: ``RAY_ADDRESS`` if set, else a local Ray) and the
+    resources of one job, ``cpus_per_job`` and ``gpus_per_job`` (fractions allowed)."""
 
     backend: str = "sequential"
     workers: int | None = None
+    ray_address: str | None = None
+    cpus_per_job: float = 1.0
+    gpus_per_job: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -40,6 +46,10 @@ class FanoutOptions(MethodOptions):
         except ValueError as exc:
             msg = str(exc)
             raise ValueError(msg if msg.startswith("workers") else f"backend: {msg}") from None
+        expect(self.ray_address is None or (isinstance(self.ray_address, str) and bool(self.ray_address)),
+               "ray_address", "null or a Ray address such as 'ray://head:10001' or 'auto'", self.ray_address)
+        expect_number("cpus_per_job", self.cpus_per_job, low=0, low_open=True)
+        expect_number("gpus_per_job", self.gpus_per_job, low=0)
 
 
 def network_tag(ctx: MethodContext, prefix: str, tasks: Sequence[str], suffix: str = "") -> str:
@@ -56,13 +66,21 @@ def subset_job(ctx: MethodContext, tag: str, tasks: Sequence[str], **kw: Any) ->
 
 def fan_out(ctx: MethodContext, jobs: Sequence[TrainingJob], opts: FanoutOptions,
             backend: str | None = None) -> list[JobResult]:
-    """Run ``jobs`` with the method's backend (``opts.backend``, or ``backend`` when given) and write
-    every epoch record to the run's log."""
-    results = run_jobs(ctx.run, jobs, backend=backend or opts.backend, workers=opts.workers)
-    for res in results:
+    """Run ``jobs`` with the method's backend (``opts.backend``, or ``backend`` when given), reusing the
+    finished ones of the run's job cache (``ctx.jobs_dir``). Each newly trained job's epoch records go
+    to the run's log as it finishes; a job taken from the cache logs one record ``cached: true``."""
+
+    def log(res: JobResult, cached: bool) -> None:
+        if cached:
+            ctx.log({"network": res.tag, "cached": True, "best_epoch": res.best_epoch})
+            return
         for record in res.history:
             ctx.log(dict(record, network=res.tag))
-    return results
+
+    cache = JobCache(ctx.jobs_dir) if ctx.jobs_dir is not None else None
+    return run_jobs(ctx.run, jobs, backend=backend or opts.backend, workers=opts.workers, cache=cache,
+                    on_result=log, ray_address=opts.ray_address, cpus_per_job=opts.cpus_per_job,
+                    gpus_per_job=opts.gpus_per_job)
 
 
 @dataclass(eq=False)

@@ -8,12 +8,14 @@ deterministic given torch's global RNG.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from taskgrouping.registry import check_options, import_modules
+from taskgrouping.option_values import check_factory_options
+from taskgrouping.registry import import_modules
 
 BackboneBuilder = Callable[..., nn.Sequential]
 BACKBONES: dict[str, BackboneBuilder] = {}
@@ -31,12 +33,30 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
 
 def build_backbone(name: str, input_shape: Sequence[int], **options) -> nn.Sequential:
     """Build the registered backbone ``name`` for inputs of ``input_shape``."""
+    check_backbone_options(name, options)
+    return BACKBONES[name](tuple(input_shape), **options)
+
+
+def check_backbone_options(name: object, options: object, prefix: str = "") -> None:
+    """What can be checked without the input shape: ``name`` is registered, ``options`` is a mapping
+    of options the builder accepts, each value of its annotated type (``ValueError`` naming it)."""
     _load_builtin_backbones()
-    if name not in BACKBONES:
+    if not isinstance(name, str) or name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    fn = BACKBONES[name]
-    check_options(fn, options, f"backbone {name!r}")
-    return fn(tuple(input_shape), **options)
+    if not isinstance(options, dict):
+        raise ValueError(f"backbone {name!r}: {prefix.rstrip('.') or 'options'} must be a mapping of options, "
+                         f"got {options!r}")
+    check_factory_options(BACKBONES[name], options, f"backbone {name!r}", prefix)
+
+
+def positive_ints(backbone: str, option: str, values: Sequence[object]) -> list[int]:
+    """``values`` as a list of integers >= 1, or a ``ValueError`` naming the backbone's option."""
+    ok = isinstance(values, (list, tuple)) and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values)
+    if not ok:
+        raise ValueError(f"backbone {backbone!r}: option {option} must be a list of positive integers, "
+                         f"got {values!r}")
+    return [int(v) for v in values]
 
 
 def default_backbone(input_shape: Sequence[int]) -> str:
@@ -57,6 +77,7 @@ def output_shape(module: nn.Module, input_shape: Sequence[int]) -> tuple[int, ..
 @register_backbone("mlp")
 def mlp(input_shape: tuple[int, ...], widths: Sequence[int] = (64, 32)) -> nn.Sequential:
     """Fully connected ReLU network; block i = Linear + ReLU (the first also flattens)."""
+    widths = positive_ints("mlp", "widths", widths)
     blocks: list[nn.Module] = []
     d = 1
     for s in input_shape:
@@ -82,9 +103,11 @@ def small_cnn(input_shape: tuple[int, ...], channels: Sequence[int] = (16, 32),
     ``(maps, H, W)``; ``maps = 0`` (default) leaves the network unchanged.
     """
     if len(input_shape) != 3:
-        raise ValueError(f"small_cnn expects image inputs (C, H, W), got shape {input_shape}")
-    if int(maps) < 0:
-        raise ValueError(f"backbone 'small_cnn': maps must be >= 0, got {maps!r}")
+        raise ValueError(f"backbone 'small_cnn' expects image inputs (C, H, W), got shape {input_shape}")
+    channels = positive_ints("small_cnn", "channels", channels)
+    for option, value, low in (("feature_dim", feature_dim, 1), ("maps", maps, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"backbone 'small_cnn': {option} must be >= {low} (an integer), got {value!r}")
     blocks: list[nn.Module] = []
     c = input_shape[0]
     for w in channels:

@@ -218,27 +218,84 @@ def save_branched(model: BranchedModel, path: str | Path) -> None:
     atomic_write_json(base.with_suffix(".json"), model.spec)
 
 
+#: The keys of a spec written by :func:`save_branched` and the JSON type of each.
+_SPEC_KEYS: dict[str, tuple[type, str]] = {
+    "tasks": (list, "a list of task objects"), "groups": (list, "a list of lists of task names"),
+    "serves": (dict, "an object {task: branch index}"), "input_shape": (list, "a list of positive integers"),
+    "backbone": (str, "a registered backbone name"), "backbone_options": (dict, "an object of options"),
+    "shared_blocks": (int, "an integer >= 0"),
+}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _spec_entry_ok(key: str, value: object) -> bool:
+    kind = _SPEC_KEYS[key][0]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return False
+    if key == "tasks":
+        return all(isinstance(t, dict) for t in value)
+    if key == "groups":
+        return all(isinstance(g, list) and all(isinstance(t, str) for t in g) for g in value)
+    if key == "serves":
+        return all(_is_int(k) for k in value.values())
+    if key == "input_shape":
+        return all(_is_int(s) and s > 0 for s in value)
+    return key != "shared_blocks" or value >= 0
+
+
+def _check_spec(spec: object, where: Path) -> dict:
+    """The types of a model description (values are checked when the model is built)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected the JSON object written by save_branched, got {type(spec).__name__}")
+    for key, (_, what) in _SPEC_KEYS.items():
+        if key not in spec:
+            raise ValueError(f"{where}: missing key {key!r} ({what}); expected the JSON written by save_branched")
+        if not _spec_entry_ok(key, spec[key]):
+            shown = json.dumps(spec[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"{where}: {key!r} must be {what}, got {shown}")
+    return spec
+
+
+def _build_from_spec(spec: dict) -> BranchedModel:
+    tasks = [Task(**t) for t in spec["tasks"]]
+    return build_branched_model(tasks, spec["groups"], spec["input_shape"], backbone=spec["backbone"],
+                                backbone_options=spec["backbone_options"], shared_blocks=spec["shared_blocks"],
+                                serves=spec["serves"])
+
+
 def load_branched(path: str | Path) -> BranchedModel:
-    """Rebuild a model saved by :func:`save_branched` (no pickle: JSON + safetensors)."""
-    from safetensors.torch import load_file
+    """Rebuild a model saved by :func:`save_branched` (no pickle: JSON + safetensors).
+
+    The architecture is first built on the meta device and checked against the weight file's header
+    (tensor names, dtypes, shapes), so a malformed description or a truncated or foreign weight file
+    is a ``ValueError`` naming the file, found before any weight is allocated.
+    """
+    from taskgrouping.readers import expected_layout, load_tensors, read_json
 
     base = Path(path)
     spec_file, weights = base.with_suffix(".json"), base.with_suffix(".safetensors")
     for f in (spec_file, weights):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found; expected the pair written by save_branched")
+    spec = _check_spec(read_json(spec_file, "the model description written by save_branched"), spec_file)
     try:
-        spec = json.loads(spec_file.read_text())
-        tasks = [Task(**t) for t in spec["tasks"]]
-        model = build_branched_model(tasks, spec["groups"], spec["input_shape"], backbone=spec["backbone"],
-                                     backbone_options=spec["backbone_options"],
-                                     shared_blocks=spec["shared_blocks"], serves=spec["serves"])
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{spec_file}: not a valid model description ({exc})") from None
+        with torch.device("meta"):
+            layout = expected_layout(_build_from_spec(spec).state_dict())
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, IndexError) as exc:
+        msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
+        msg = msg.splitlines()[0] if msg else type(exc).__name__  # torch appends its C++ source location
+        raise ValueError(f"{spec_file}: not a valid model description ({msg})") from None
+    tensors = load_tensors(weights, layout, f"the architecture in {spec_file}")
+    model = _build_from_spec(spec)
     try:
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as exc:
-        raise ValueError(f"{weights}: weights do not fit the architecture in {spec_file} ({exc})") from None
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{weights}: weights do not fit the architecture in {spec_file} ({reason})") from None
     model.eval()
     return model
 

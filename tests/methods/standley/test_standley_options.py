@@ -16,7 +16,8 @@ def _data(n: int) -> SimpleNamespace:
 
 
 def test_defaults_are_the_documented_ones():
-    assert OptimalOptions.defaults() == {"backend": "sequential", "workers": None, "budget": None,
+    assert OptimalOptions.defaults() == {"backend": "sequential", "workers": None, "ray_address": None,
+                                         "cpus_per_job": 1.0, "gpus_per_job": 0.0, "budget": None,
                                          "half_size": True, "solver": "auto", "max_tasks": 10}
     assert HOAOptions().max_group_size is None and ESAOptions().early_fraction == 0.2
     assert OptimalOptions.from_section("optimal", {"max_tasks": None}).max_tasks == 10  # null = the default
@@ -31,6 +32,9 @@ def test_defaults_are_the_documented_ones():
     (OptimalOptions, "optimal", {"max_tasks": 0}, "optimal.max_tasks must be an integer >= 1"),
     (HOAOptions, "hoa", {"max_group_size": 2.5}, "hoa.max_group_size must be an integer"),
     (HOAOptions, "hoa", {"backend": "threads"}, "hoa.backend: unknown backend 'threads'"),
+    (HOAOptions, "hoa", {"cpus_per_job": 0}, "hoa.cpus_per_job must be a finite number > 0"),
+    (HOAOptions, "hoa", {"gpus_per_job": -1}, "hoa.gpus_per_job must be a finite number >= 0"),
+    (HOAOptions, "hoa", {"ray_address": ""}, "hoa.ray_address must be null or a Ray address"),
     (OptimalOptions, "optimal", {"workers": 0}, "optimal.workers must be a positive integer"),
     (ESAOptions, "esa", {"max_group_size": 3}, "unknown config key esa.max_group_size"),
 ])

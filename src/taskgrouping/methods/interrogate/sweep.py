@@ -116,16 +116,17 @@ def interrogate_sweep(config: Mapping[str, Any], lambdas: Sequence[float] = DEFA
                 "sharing_pattern": res.extra["sharing_pattern"], "train_seconds": res.train_seconds,
                 "compile_max_abs_diff": res.extra["compile_max_abs_diff"]}
         runs.append(run)
-        atomic_write_json(seed_dir / "run.json", run)
+        atomic_write_json(seed_dir / "run.json", run, strict=True)
     summary = summarise_sweep(runs, lambdas)
     summary.update(config=cfg, seeds=seeds, lambdas=lambdas, **driver.provenance())
     summary["table"] = sweep_table(summary)
-    atomic_write_json(out / "sweep.json", summary)
+    atomic_write_json(out / "sweep.json", summary, strict=True)
     atomic_write_text(out / "sweep.md", summary["table"] + "\n")
     plot_tradeoff(summary, out / "tradeoff.png")
     for lam in lambdas:
         plot_sharing(runs[0]["interrogate"][f"{lam:g}"]["sharing_pattern"], out / f"sharing_lambda_{lam:g}.png",
                      title=f"InterroGate sharing pattern, lambda_s={lam:g}, seed {runs[0]['seed']}")
+    driver.close()
     return summary
 
 

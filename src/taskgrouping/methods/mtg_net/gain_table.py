@@ -15,6 +15,7 @@ import numpy as np
 
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.mtg_net.masks import mask_code
+from taskgrouping.readers import read_text
 
 __all__ = ["GainTable", "MTGNET_FILES", "MTGNET_TASKS", "grouping_gain", "load_mtgnet_gains"]
 
@@ -54,12 +55,15 @@ MTGNET_FILES: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+#: Most task columns a table may have (a combination is coded as the bits of one integer).
+_MAX_COLUMNS = 62
+
+
 def _read_numeric_table(path: Path) -> np.ndarray:
     """Rows of numbers separated by commas and/or whitespace, no header; errors name file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"gain file {str(path)!r} does not exist")
+    expected = "a table of numbers (comma or whitespace separated, one row per task combination, no header)"
     rows: list[list[float]] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, expected).splitlines(), start=1):
         if not line.strip():
             continue
         fields = [f for f in re.split(r"[,\s]+", line.strip()) if f]
@@ -67,11 +71,13 @@ def _read_numeric_table(path: Path) -> np.ndarray:
             values = [float(f) for f in fields]
         except ValueError:
             raise ValueError(f"{path}:{lineno}: expected numbers only (no header), got {line.strip()[:80]!r}") from None
+        if len(values) > _MAX_COLUMNS:
+            raise ValueError(f"{path}:{lineno}: {len(values)} columns; at most {_MAX_COLUMNS} tasks are supported")
         if rows and len(values) != len(rows[0]):
             raise ValueError(f"{path}:{lineno}: {len(values)} columns, but the first row has {len(rows[0])}")
         rows.append(values)
     if not rows:
-        raise ValueError(f"{path}: the file holds no rows")
+        raise ValueError(f"{path}: the file holds no rows; expected {expected}")
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -111,11 +117,11 @@ class GainTable:
                              f"expected one gain row per mask row and one column per task")
         if masks.shape[1] != len(tasks):
             raise ValueError(f"{where}: tables have {masks.shape[1]} columns but {len(tasks)} task names were given")
-        if masks.shape[1] > 62:
-            raise ValueError(f"{where}: at most 62 tasks are supported, got {masks.shape[1]}")
+        if masks.shape[1] > _MAX_COLUMNS:
+            raise ValueError(f"{where}: at most {_MAX_COLUMNS} tasks are supported, got {masks.shape[1]}")
         if not np.isin(masks, (0, 1)).all():
             r, c = np.argwhere(~np.isin(masks, (0, 1)))[0]
-            raise ValueError(f"{where}: mask row {r}, task {tasks[c]!r} is {masks[r, c]!r}; masks must be 0/1")
+            raise ValueError(f"{where}: mask row {r}, task {tasks[c]!r} is {masks[r, c]}; masks must be 0/1")
         masks = masks.astype(bool)
         empty = np.flatnonzero(~masks.any(axis=1))
         if len(empty):

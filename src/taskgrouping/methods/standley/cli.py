@@ -11,12 +11,19 @@ from taskgrouping.methods.standley.curve import Approx, selection_curve
 from taskgrouping.methods.standley.io import read_networks
 from taskgrouping.methods.standley.selection import Solver
 
-__all__ = ["parse_budgets", "select_cli"]
+__all__ = ["MAX_BUDGETS", "parse_budgets", "select_cli"]
+
+#: Most budgets one selection curve may have (each budget is one full network selection).
+MAX_BUDGETS = 10_000
 
 
 def parse_budgets(spec: str) -> list[float]:
-    """Budgets from ``"start:stop:step"`` (stop inclusive), ``"start:stop"`` (step 1), ``"a,b,c"`` or ``"a"``."""
+    """Budgets from ``"start:stop:step"`` (stop inclusive), ``"start:stop"`` (step 1), ``"a,b,c"`` or ``"a"``;
+    at most :data:`MAX_BUDGETS` of them."""
     text = spec.strip()
+    shown = spec if len(spec) <= 40 else spec[:37] + "..."
+    too_many = (f"budget spec {shown!r}: gives more than {MAX_BUDGETS:,} budgets; at most {MAX_BUDGETS:,} are "
+                "allowed (use a larger step or a shorter range)")
 
     def num(s: str) -> float:
         try:
@@ -37,10 +44,15 @@ def parse_budgets(spec: str) -> list[float]:
             raise ValueError(f"budget spec {spec!r}: step must be > 0")
         if stop < start:
             raise ValueError(f"budget spec {spec!r}: stop {stop:g} is below start {start:g}")
-        count = math.floor((stop - start) / step + 1e-9)
+        span = (stop - start) / step
+        if not span < MAX_BUDGETS or math.floor(span + 1e-9) >= MAX_BUDGETS:
+            raise ValueError(too_many)
+        count = math.floor(span + 1e-9)
         return [round(start + i * step, 12) for i in range(count + 1)]
     if not text:
         raise ValueError("budget spec is empty; expected e.g. '1:5:0.5'")
+    if text.count(",") >= MAX_BUDGETS:
+        raise ValueError(too_many)
     return [num(s) for s in text.split(",")]
 
 
@@ -62,6 +74,8 @@ def select_cli(losses: str, budgets: str | Sequence[float], *, report: str | Non
             raise ValueError(f"{name} losses name tasks {list(table.tasks)} but the selection losses name "
                              f"{list(val.tasks)} (differ in {unknown})")
     values = parse_budgets(budgets) if isinstance(budgets, str) else [float(b) for b in budgets]
+    if len(values) > MAX_BUDGETS:
+        raise ValueError(f"{len(values):,} budgets given; at most {MAX_BUDGETS:,} are allowed")
     curve = selection_curve(val.networks, rep.networks if rep else None, values, approx=approx,
                             early=ear.networks if ear else None, solver=solver, tasks=val.tasks)
     return {f"{b:g}": v for b, v in curve.items()}

@@ -30,12 +30,20 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from taskgrouping.io import atomic_write_text
 from taskgrouping.methods.standley.networks import Network
+from taskgrouping.readers import read_text
 
-__all__ = ["LossTable", "read_standley_results", "read_networks_csv", "write_networks_csv", "read_networks"]
+__all__ = ["MAX_TASKS", "LossTable", "read_standley_results", "read_networks_csv", "write_networks_csv",
+           "read_networks"]
+
+#: Most task columns a loss table may have (the selection's work grows with networks x tasks).
+MAX_TASKS = 256
+
+_STANDLEY = "a Standley results file (tab-separated losses, one column per task, no header)"
+_CSV = "a CSV loss table with a header 'tasks,cost,<task>,...'"
 
 
 class LossTable(NamedTuple):
@@ -74,16 +82,19 @@ def read_standley_results(path: str | Path, tasks: Sequence[str] | None = None, 
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a line with another number of fields than tasks, a field that is not a finite
-            number, a line without any loss, or a network listed twice (the message names file and line).
+        ValueError: a directory, a binary or oversized file, a line with another number of fields than
+            tasks, a field that is not a finite number, a line without any loss, or a network listed
+            twice (the message names file and line).
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, _STANDLEY).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise ValueError(f"{path}: the file holds no networks")
+        raise ValueError(f"{path}: the file holds no networks; expected {_STANDLEY}")
     width = len(lines[0].split("\t"))
+    if width > MAX_TASKS:
+        raise ValueError(f"{path}, line 1: {width} tab-separated fields; at most {MAX_TASKS} tasks are supported")
     if tasks is None:
         tasks = tuple(f"task{i}" for i in range(width))
     else:
@@ -137,48 +148,57 @@ def read_networks_csv(path: str | Path) -> LossTable:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a header not starting with ``tasks,cost`` or with repeated task columns, a row with
-            the wrong number of columns, a value that is not a finite number, an unknown task name, a
-            tasks field that disagrees with the filled loss columns, or a network listed twice. The
-            message names the file and line.
+        ValueError: a directory, a binary or oversized file, malformed CSV, a header not starting with
+            ``tasks,cost`` or with repeated task columns, a row with the wrong number of columns, a
+            value that is not a finite number, an unknown task name, a tasks field that disagrees with
+            the filled loss columns, or a network listed twice. The message names the file and line.
     """
     path = Path(path)
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file; expected a header 'tasks,cost,<task>,...'")
-        header = [h.strip() for h in header]
-        if header[:2] != ["tasks", "cost"] or len(header) < 3:
-            raise ValueError(f"{path}, line 1: header must be 'tasks,cost,<task>,...' (one column per task), "
-                             f"got {','.join(header)!r}")
-        columns = tuple(header[2:])
-        if any(not c for c in columns) or len(set(columns)) != len(columns):
-            raise ValueError(f"{path}, line 1: task column names must be non-empty and distinct, got {list(columns)}")
-        nets: list[tuple[int, Network]] = []
-        for row in reader:
-            lineno = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}, line {lineno}: expected {len(header)} comma-separated columns "
-                                 f"(tasks, cost, {len(columns)} tasks), found {len(row)}")
-            where = f"{path}, line {lineno}"
-            cost = _number(row[1].strip(), f"{where}, column 'cost'")
-            if cost < 0:
-                raise ValueError(f"{where}, column 'cost': cost must be >= 0, got {row[1].strip()!r}")
-            losses = {c: _number(v.strip(), f"{where}, column {c!r}") for c, v in zip(columns, row[2:]) if v.strip()}
-            named = _parse_tasks_field(row[0], columns, where)
-            if named is None:
-                named = tuple(losses)
-            elif set(named) != set(losses):
-                raise ValueError(f"{where}: the tasks field names {list(named)} but losses are given for "
-                                 f"{list(losses)}; they must agree")
-            if not named:
-                raise ValueError(f"{where}: the network has no task (no loss and an empty tasks field)")
-            nets.append((lineno, Network(named, cost, losses)))
+    reader = csv.reader(io.StringIO(read_text(path, _CSV), newline=""))
+    try:
+        return _parse_csv(reader, path)
+    except csv.Error as exc:
+        raise ValueError(f"{path}, line {reader.line_num}: malformed CSV ({exc}); expected {_CSV}") from None
+
+
+def _parse_csv(reader: Any, path: Path) -> LossTable:
+    """Parse the rows of the plain CSV format (see :func:`read_networks_csv`)."""
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path}: empty file; expected a header 'tasks,cost,<task>,...'")
+    header = [h.strip() for h in header]
+    if header[:2] != ["tasks", "cost"] or len(header) < 3:
+        raise ValueError(f"{path}, line 1: header must be 'tasks,cost,<task>,...' (one column per task), "
+                         f"got {','.join(header)!r}")
+    columns = tuple(header[2:])
+    if len(columns) > MAX_TASKS:
+        raise ValueError(f"{path}, line 1: {len(columns)} task columns; at most {MAX_TASKS} are supported")
+    if any(not c for c in columns) or len(set(columns)) != len(columns):
+        raise ValueError(f"{path}, line 1: task column names must be non-empty and distinct, got {list(columns)}")
+    nets: list[tuple[int, Network]] = []
+    for row in reader:
+        lineno = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {lineno}: expected {len(header)} comma-separated columns "
+                             f"(tasks, cost, {len(columns)} tasks), found {len(row)}")
+        where = f"{path}, line {lineno}"
+        cost = _number(row[1].strip(), f"{where}, column 'cost'")
+        if cost < 0:
+            raise ValueError(f"{where}, column 'cost': cost must be >= 0, got {row[1].strip()!r}")
+        losses = {c: _number(v.strip(), f"{where}, column {c!r}") for c, v in zip(columns, row[2:]) if v.strip()}
+        named = _parse_tasks_field(row[0], columns, where)
+        if named is None:
+            named = tuple(losses)
+        elif set(named) != set(losses):
+            raise ValueError(f"{where}: the tasks field names {list(named)} but losses are given for "
+                             f"{list(losses)}; they must agree")
+        if not named:
+            raise ValueError(f"{where}: the network has no task (no loss and an empty tasks field)")
+        nets.append((lineno, Network(named, cost, losses)))
     if not nets:
-        raise ValueError(f"{path}: the file holds no networks")
+        raise ValueError(f"{path}: the file holds no networks; expected {_CSV}")
     _check_unique(nets, path)
     return LossTable(columns, tuple(n for _, n in nets))
 

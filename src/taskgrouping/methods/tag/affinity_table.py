@@ -9,7 +9,6 @@ authors (``{recipient: {source: value}}``) are the transpose; :func:`load_affini
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,9 +16,22 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
+from taskgrouping.readers import read_json
+
 __all__ = ["AffinityLike", "load_affinity", "as_matrix", "to_file_form"]
 
 AffinityLike = Mapping[str, Mapping[str, float]] | np.ndarray | Tensor | Sequence[Sequence[float]]
+
+_FILE_FORM = "a JSON object {recipient: {source: affinity}} over one set of tasks"
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond the float range
+        return False
 
 
 def _check_nested(obj: Any, where: str) -> tuple[list[str], np.ndarray]:
@@ -51,9 +63,10 @@ def _check_nested(obj: Any, where: str) -> tuple[list[str], np.ndarray]:
                              f"sources {sources}; missing {missing}, unknown {extra}")
         for s, source in enumerate(names):
             value = row[source]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _finite(value):
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
                 raise ValueError(f"{where}: affinity of {source!r} onto {recipient!r} must be a finite number, "
-                                 f"got {value!r}")
+                                 f"got {shown}")
             mat[s, r] = float(value)
     return names, mat
 
@@ -63,16 +76,11 @@ def load_affinity(path: str | Path) -> tuple[list[str], np.ndarray]:
 
     Returns ``(task_names, A)`` with ``A[source, recipient]`` (the module's convention), tasks in
     the file's order. Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the
-    offending task when the file is not a square table of numbers over one task set.
+    offending task when the file is not a square table of numbers over one task set (also for a
+    directory, a binary or oversized file, invalid or deeply nested JSON and repeated keys).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"affinity file {str(path)!r} does not exist")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return _check_nested(obj, str(path))
+    return _check_nested(read_json(path, _FILE_FORM, max_depth=8), str(path))
 
 
 def as_matrix(affinity: AffinityLike, tasks: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
