@@ -38,3 +38,25 @@ def run_preset(preset: str, methods: tuple[str, ...], seed: int = 0, options: di
                             balancer=cfg["balancer"], options=opts, name=name)
         out[name] = registry[name](ctx)
     return data, out
+
+
+def npz_arrays(sizes=(40, 10, 10), dim=5, types=("binary", "regression"), seed=0, **overrides) -> dict:
+    """The arrays of a small ``.npz`` dataset in the loader's format (random inputs, 0/1 labels), with
+    any array replaced by ``overrides``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {"task_names": np.array([chr(ord("a") + i) for i in range(len(types))]), "task_types": np.array(types)}
+    for split, n in zip(("train", "val", "test"), sizes):
+        arrays[f"x_{split}"] = rng.normal(size=(n, dim))
+        arrays[f"y_{split}"] = rng.integers(0, 2, size=(n, len(types))).astype(float)
+    arrays.update(overrides)
+    return arrays
+
+
+def write_npz(path: Path, **kw) -> Path:
+    """Write :func:`npz_arrays` (same keywords) to ``path``."""
+    import numpy as np
+
+    np.savez(path, **npz_arrays(**kw))
+    return path

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from conftest import write_npz
 
 SMALL = ["--set", "train.epochs=2", "--set", "train.progress=false"]
 
@@ -49,14 +50,7 @@ def test_datasets_lists_builtin_sets():
 
 
 def _npz(path, **overrides):
-    rng = np.random.default_rng(0)
-    arrays = dict(x_train=rng.normal(size=(40, 5)), y_train=rng.integers(0, 2, size=(40, 2)).astype(float),
-                  x_val=rng.normal(size=(10, 5)), y_val=rng.integers(0, 2, size=(10, 2)).astype(float),
-                  x_test=rng.normal(size=(10, 5)), y_test=rng.integers(0, 2, size=(10, 2)).astype(float),
-                  task_names=np.array(["a", "b"]), task_types=np.array(["binary", "regression"]))
-    arrays.update(overrides)
-    np.savez(path, **arrays)
-    return path
+    return write_npz(path, **overrides)
 
 
 def test_npz_own_data_runs(tmp_path):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+from conftest import write_npz
 import pytest
 from typer.testing import CliRunner
 
@@ -44,12 +44,7 @@ def strict(text):
 
 
 def _npz(path, seed=0):
-    rng = np.random.default_rng(seed)
-    np.savez(path, x_train=rng.normal(size=(40, 5)), y_train=rng.integers(0, 2, (40, 2)).astype(float),
-             x_val=rng.normal(size=(10, 5)), y_val=rng.integers(0, 2, (10, 2)).astype(float),
-             x_test=rng.normal(size=(10, 5)), y_test=rng.integers(0, 2, (10, 2)).astype(float),
-             task_names=np.array(["a", "b"]), task_types=np.array(["binary", "binary"]))
-    return path
+    return write_npz(path, types=("binary", "binary"), seed=seed)
 
 
 def _listing(path):
@@ -205,7 +200,7 @@ def test_damaged_partial_record_on_resume(tmp_path):
 # -- the lock ---------------------------------------------------------------------------------------
 
 def test_locked_directory_is_refused_and_untouched(tmp_path):
-    from taskgrouping.io import DirectoryLock
+    from taskgrouping.engine.lock import DirectoryLock
 
     out = tmp_path / "run"
     assert invoke("run", *DIGITS, "--out", out)[0] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import write_npz
 import pytest
 from typer.testing import CliRunner
 
@@ -22,14 +23,7 @@ BOMB = ('a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*
 
 
 def _npz(path: Path, **arrays) -> Path:
-    rng = np.random.default_rng(0)
-    base = {"x_train": rng.normal(size=(40, 5)), "y_train": rng.integers(0, 2, (40, 2)).astype(float),
-            "x_val": rng.normal(size=(10, 5)), "y_val": rng.integers(0, 2, (10, 2)).astype(float),
-            "x_test": rng.normal(size=(10, 5)), "y_test": rng.integers(0, 2, (10, 2)).astype(float),
-            "task_names": np.array(["a", "b"]), "task_types": np.array(["binary", "binary"])}
-    base.update(arrays)
-    np.savez(path, **base)
-    return path
+    return write_npz(path, types=("binary", "binary"), **arrays)
 
 
 def _huge_header_npz(path: Path) -> Path:

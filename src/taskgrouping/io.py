@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import errno
 import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import save as save_tensor_bytes
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_state_dict", "json_default",
-           "finite_json", "strict_json", "append_text", "named_os_error", "file_sha256", "tree_digest", "DirectoryLock", "LockHeld"]
+           "finite_json", "strict_json", "append_text", "named_os_error", "file_sha256", "tree_digest", "fsync_dir"]
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -129,65 +130,16 @@ def tree_digest(root: Path | str) -> dict[str, Any]:
     return {"files": n, "listing_sha256": h.hexdigest()}
 
 
-class LockHeld(RuntimeError):
-    """Another process holds the lock."""
-
-
-class DirectoryLock:
-    """An exclusive advisory lock (``flock``) on ``path`` (e.g. ``DIR/.lock``), held until :meth:`release`
-    or the process ends. A no-op where ``fcntl`` does not exist (Windows)."""
-
-    _held: set[str] = set()  # lock files this process holds
-
-    @classmethod
-    def held_here(cls, path: Path | str) -> bool:
-        """Whether this process holds the lock on ``path``."""
-        return os.path.abspath(path) in cls._held
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._fh: IO[bytes] | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fh is not None
-
-    def acquire(self, create: bool = True) -> None:
-        """Take the lock without waiting; ``LockHeld`` if another process has it. With ``create=False``
-        a missing lock file is not created (and nothing is locked)."""
-        if self._fh is not None:
-            return
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return
-        if not create and not self.path.exists():
-            return
-        fh = open(self.path, "ab")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise LockHeld(str(self.path)) from None
-        except BaseException:
-            fh.close()
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (new files, renames) durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync directories; other errors are real
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
-        self._fh = fh
-        self._held.add(os.path.abspath(self.path))
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing the descriptor drops the lock
-            self._fh = None
-            self._held.discard(os.path.abspath(self.path))
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter exit the file closes anyway
-            self.release()
-
-    def __enter__(self) -> "DirectoryLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    finally:
+        os.close(fd)

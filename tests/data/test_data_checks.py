@@ -6,6 +6,7 @@ import io
 import zipfile
 
 import numpy as np
+from conftest import npz_arrays
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -100,13 +101,7 @@ def test_lazy_datasets_get_the_size_check_only():
 # -- npz --------------------------------------------------------------------------------------------
 
 def _arrays(**overrides):
-    rng = np.random.default_rng(0)
-    arrays = dict(x_train=rng.normal(size=(20, 4)), y_train=rng.integers(0, 2, size=(20, 2)).astype(float),
-                  x_val=rng.normal(size=(8, 4)), y_val=rng.integers(0, 2, size=(8, 2)).astype(float),
-                  x_test=rng.normal(size=(8, 4)), y_test=rng.integers(0, 2, size=(8, 2)).astype(float),
-                  task_names=np.array(["a", "b"]), task_types=np.array(["binary", "regression"]))
-    arrays.update(overrides)
-    return arrays
+    return npz_arrays(sizes=(20, 8, 8), dim=4, **overrides)
 
 
 def _npz(path, **overrides):

@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import write_npz
 import pytest
 
 from taskgrouping.config import ConfigError, build_config
 from taskgrouping.engine.driver import (FINGERPRINT_NAME, LOCK_NAME, Driver, data_fingerprint, discard_on_error,
                                         fingerprint_change)
 from taskgrouping.engine.trainer import TrainingDiverged
-from taskgrouping.io import DirectoryLock, LockHeld, atomic_write_bytes, atomic_write_json, strict_json, tree_digest
+from taskgrouping.engine.lock import DirectoryLock, LockHeld
+from taskgrouping.io import atomic_write_bytes, atomic_write_json, strict_json, tree_digest
 
 
 def _strict_load(text):
@@ -32,12 +34,7 @@ def _npz_config(path, **extra):
 
 
 def _write_npz(path, seed=0):
-    rng = np.random.default_rng(seed)
-    np.savez(path, x_train=rng.normal(size=(8, 3)), y_train=rng.integers(0, 2, (8, 1)).astype(float),
-             x_val=rng.normal(size=(4, 3)), y_val=rng.integers(0, 2, (4, 1)).astype(float),
-             x_test=rng.normal(size=(4, 3)), y_test=rng.integers(0, 2, (4, 1)).astype(float),
-             task_names=np.array(["a"]), task_types=np.array(["binary"]))
-    return path
+    return write_npz(path, sizes=(8, 4, 4), dim=3, types=("binary",), seed=seed)
 
 
 # -- the lock ---------------------------------------------------------------------------------------

@@ -20,10 +20,8 @@ with one line naming the file and what to do. Checkpoints of the older layout (w
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -35,7 +33,7 @@ from safetensors.torch import load as load_tensor_bytes
 from safetensors.torch import save as save_tensor_bytes
 from torch import Tensor, nn
 
-from taskgrouping.io import atomic_write_bytes, atomic_write_json
+from taskgrouping.io import atomic_write_bytes, atomic_write_json, fsync_dir
 
 STATE = "state.json"
 FORMAT = 2
@@ -71,21 +69,6 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
 
 def _tensor_bytes(tensors: dict[str, Tensor]) -> bytes:
     return save_tensor_bytes({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (new files, renames) durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some file systems cannot sync directories; other errors are real
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -30,7 +30,8 @@ from taskgrouping.data.base import TaskData
 from taskgrouping.data.checks import validate_data
 from taskgrouping.data.registry import load_dataset
 from taskgrouping.engine.trainer import TrainConfig, TrainingDiverged
-from taskgrouping.io import (DirectoryLock, LockHeld, append_text, atomic_write_json, atomic_write_text, file_sha256,
+from taskgrouping.engine.lock import DirectoryLock, LockHeld
+from taskgrouping.io import (append_text, atomic_write_json, atomic_write_text, file_sha256,
                              strict_json, tree_digest)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from taskgrouping import __version__
 from taskgrouping.engine.fit import RunContext
 from taskgrouping.engine.jobs import JobResult, TrainingJob
-from taskgrouping.io import atomic_write_bytes, atomic_write_json
+from taskgrouping.io import atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = ["JobCache", "job_key"]
 
@@ -43,14 +43,6 @@ def job_key(run: RunContext, job: TrainingJob) -> str:
     }
     text = json.dumps(described, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def fsync_directory(path: Path) -> None:  # TODO(lead): move to taskgrouping.io once the helpers are done
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class JobCache:
@@ -85,11 +77,11 @@ class JobCache:
         tmp.mkdir()
         atomic_write_json(tmp / "result.json", {k: getattr(result, k) for k in _FIELDS})
         atomic_write_bytes(tmp / "weights.safetensors", result.weights)
-        fsync_directory(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, entry)
         except OSError:  # another process stored the same job first
             shutil.rmtree(tmp, ignore_errors=True)
             if not entry.is_dir():
                 raise
-        fsync_directory(self.dir)
+        fsync_dir(self.dir)
