@@ -268,3 +268,23 @@ def test_select_cli_json_document():
                      tasks=["s", "d", "n", "k", "t"])
     assert hoa["3.5"]["total"] == pytest.approx(EXPECTED[(1, "hoa", 3.5)], abs=5e-6)
     assert {t for n in hoa["3.5"]["networks"] for t in n["tasks"]} == {"s", "d", "n", "k", "t"}
+
+
+def test_auto_solver_uses_the_exact_search_only_while_it_is_cheap():
+    from taskgrouping.methods.standley import SEARCH_MAX_CANDIDATES, resolve_solver
+
+    assert resolve_solver("auto", SEARCH_MAX_CANDIDATES) == "search"
+    assert resolve_solver("auto", SEARCH_MAX_CANDIDATES + 1) == "milp"
+    assert resolve_solver("search", 10_000) == "search" and resolve_solver("milp", 3) == "milp"
+
+
+def test_selection_curve_auto_equals_both_exact_solvers():
+    import itertools
+
+    tasks = ["a", "b", "c", "d"]
+    rng = __import__("random").Random(0)
+    nets = [Network(tuple(c), 1.0, {t: rng.uniform(0.5, 1.5) for t in c})
+            for r in range(1, 5) for c in itertools.combinations(tasks, r)]
+    curves = [selection_curve(nets, None, [1, 2, 3], solver=s) for s in ("auto", "search", "milp")]
+    assert [[round(c[b]["total"], 12) for b in c] for c in curves] == [[round(curves[1][b]["total"], 12)
+                                                                          for b in curves[1]]] * 3

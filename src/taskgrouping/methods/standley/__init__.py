@@ -13,14 +13,15 @@ from taskgrouping.methods.standley.estimates import esa_networks, hoa_networks
 from taskgrouping.methods.standley.half_size import HALF_SIZE_BACKBONES, half_size_options
 from taskgrouping.methods.standley.io import (LossTable, read_networks, read_networks_csv, read_standley_results,
                                               write_networks_csv)
-from taskgrouping.methods.standley.method import SEARCH_MAX_CANDIDATES, esa, hoa, optimal
+from taskgrouping.methods.standley.method import esa, hoa, optimal
 from taskgrouping.methods.standley.networks import Candidate, Network, Selection
 from taskgrouping.methods.standley.options import (HOA_MAX_ESTIMATES, ESAOptions, HOAOptions, OptimalOptions,
                                                    StandleyOptions)
-from taskgrouping.methods.standley.selection import UNCOVERED, cheapest_cover_cost, select_networks
+from taskgrouping.methods.standley.selection import (SEARCH_MAX_CANDIDATES, UNCOVERED, cheapest_cover_cost,
+                                                    resolve_solver, select_networks)
 
 __all__ = ["Network", "Candidate", "Selection", "select_networks", "cheapest_cover_cost", "UNCOVERED",
            "hoa_networks", "esa_networks", "report_scores", "selection_curve", "parse_budgets", "select_cli",
            "LossTable", "read_standley_results", "read_networks_csv", "write_networks_csv", "read_networks",
-           "HALF_SIZE_BACKBONES", "half_size_options", "SEARCH_MAX_CANDIDATES", "HOA_MAX_ESTIMATES",
+           "HALF_SIZE_BACKBONES", "half_size_options", "SEARCH_MAX_CANDIDATES", "resolve_solver", "HOA_MAX_ESTIMATES",
            "StandleyOptions", "OptimalOptions", "HOAOptions", "ESAOptions", "optimal", "hoa", "esa"]

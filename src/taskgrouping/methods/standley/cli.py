@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 from taskgrouping.methods.standley.curve import Approx, selection_curve
 from taskgrouping.methods.standley.io import read_networks
-from taskgrouping.methods.standley.selection import Solver
 
 __all__ = ["MAX_BUDGETS", "parse_budgets", "select_cli"]
 
@@ -57,7 +56,7 @@ def parse_budgets(spec: str) -> list[float]:
 
 
 def select_cli(losses: str, budgets: str | Sequence[float], *, report: str | None = None,
-               approx: Approx = "optimal", early: str | None = None, solver: Solver = "search",
+               approx: Approx = "optimal", early: str | None = None, solver: str = "auto",
                tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Backend of ``taskgrouping select``: read loss files, run :func:`selection_curve`.
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 from taskgrouping.methods.standley.estimates import esa_networks, hoa_networks
 from taskgrouping.methods.standley.networks import Network, task_order
-from taskgrouping.methods.standley.selection import Solver, Tie, select_networks
+from taskgrouping.methods.standley.selection import Tie, resolve_solver, select_networks
 
 __all__ = ["Approx", "report_scores", "selection_curve"]
 
@@ -38,11 +38,12 @@ def report_scores(chosen: Iterable[Network], report: Sequence[Network]) -> dict[
 
 
 def selection_curve(val: Sequence[Network], report: Sequence[Network] | None, budgets: Iterable[float], *,
-                    approx: Approx = "optimal", early: Sequence[Network] | None = None, solver: Solver = "search",
+                    approx: Approx = "optimal", early: Sequence[Network] | None = None, solver: str = "auto",
                     tie: Tie = "standley", tasks: Sequence[str] | None = None) -> dict[float, dict[str, Any]]:
     """Select at every budget and report the chosen networks' losses (the paper's Figures 2-5).
 
-    ``approx``: "optimal" selects on ``val``; "hoa" on :func:`hoa_networks` of ``val``; "esa" on
+    ``solver``: ``"search"``, ``"milp"`` or ``"auto"`` (:func:`resolve_solver` on the number of
+    candidates). ``approx``: "optimal" selects on ``val``; "hoa" on :func:`hoa_networks` of ``val``; "esa" on
     ``early`` (required). The reported total is the sum over tasks of the lowest ``report`` loss among
     the chosen networks (``report=None`` reports ``val``).
 
@@ -62,6 +63,7 @@ def selection_curve(val: Sequence[Network], report: Sequence[Network] | None, bu
         raise ValueError(f"unknown approximation {approx!r}; expected 'optimal', 'hoa' or 'esa'")
     if early is not None and approx != "esa":
         raise ValueError(f"early losses are only used with approx='esa', not {approx!r}")
+    solver = resolve_solver(solver, len(cands))
     out: dict[float, dict[str, Any]] = {}
     for b in budgets:
         sel = select_networks(cands, b, tasks=order, solver=solver, tie=tie)

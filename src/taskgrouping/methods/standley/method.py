@@ -45,21 +45,11 @@ from taskgrouping.methods.standley.estimates import hoa_networks
 from taskgrouping.methods.standley.half_size import half_size_options
 from taskgrouping.methods.standley.networks import Network
 from taskgrouping.methods.standley.options import ESAOptions, HOAOptions, OptimalOptions, StandleyOptions
-from taskgrouping.methods.standley.selection import select_networks
+from taskgrouping.methods.standley.selection import resolve_solver, select_networks
 from taskgrouping.methods.two_shot import (TrainedNetwork, fan_out, network_tag, networks_result,
                                            serve_by_validation, subset_job)
 
-__all__ = ["SEARCH_MAX_CANDIDATES", "optimal", "hoa", "esa"]
-
-#: Candidate networks up to which ``solver="auto"`` uses Standley's exact search (else the MILP).
-SEARCH_MAX_CANDIDATES = 64
-
-
-def _solver(opts: StandleyOptions, n_candidates: int) -> str:
-    if opts.solver == "auto":
-        return "search" if n_candidates <= SEARCH_MAX_CANDIDATES else "milp"
-    return opts.solver
-
+__all__ = ["optimal", "hoa", "esa"]
 
 def _subsets(tasks: Sequence[str], sizes: range) -> list[tuple[str, ...]]:
     """Task subsets in Standley's order: by size, then lexicographically by task index."""
@@ -109,7 +99,7 @@ def _standley(ctx: MethodContext, approx: str, opts: StandleyOptions) -> MethodR
         first = [TrainedNetwork(job, res, cost, phase) for (_, cost, job), res in zip(specs, results)]
         measured = [Network(net.tasks, net.cost, net.result.loss("val")) for net in first]
         candidates = hoa_networks(measured, extra_sets=estimated) if approx == "hoa" else measured
-        solver = _solver(opts, len(candidates))
+        solver = resolve_solver(opts.solver, len(candidates))
         selection = select_networks(candidates, budget, tasks=tasks, solver=solver)
 
         # second shot: reuse what was trained fully, train HOA's estimated networks, finish ESA's

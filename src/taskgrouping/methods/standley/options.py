@@ -27,7 +27,7 @@ class StandleyOptions(FanoutOptions):
     """``budget``: total inference cost of the chosen networks, in full-size networks (``None`` = K);
     ``half_size``: also train a half-size (cost 0.5) single-task network per task; ``solver``:
     ``"search"`` (Standley's exact search), ``"milp"`` (HiGHS) or ``"auto"`` (the search up to
-    :data:`~taskgrouping.methods.standley.method.SEARCH_MAX_CANDIDATES` candidates)."""
+    :data:`~taskgrouping.methods.standley.selection.SEARCH_MAX_CANDIDATES` candidates)."""
 
     budget: float | None = None
     half_size: bool = True

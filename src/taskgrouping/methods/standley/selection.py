@@ -47,6 +47,18 @@ UNCOVERED = 99.0
 _COST_TOL = 1e-9
 
 Solver = Literal["search", "milp"]
+
+#: Candidate networks up to which ``solver="auto"`` uses Standley's exact search (else the exact MILP,
+#: whose time grows far more slowly with the number of candidates).
+SEARCH_MAX_CANDIDATES = 64
+
+
+def resolve_solver(solver: str, n_candidates: int) -> str:
+    """``"auto"`` -> ``"search"`` for at most :data:`SEARCH_MAX_CANDIDATES` candidates, else ``"milp"``
+    (both exact); any other value is returned as is."""
+    if solver == "auto":
+        return "search" if n_candidates <= SEARCH_MAX_CANDIDATES else "milp"
+    return solver
 Tie = Literal["standley", "first", "cheapest"]
 
 
