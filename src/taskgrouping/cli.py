@@ -11,6 +11,7 @@ error found before training leaves nothing in ``--out``.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import sys
@@ -200,9 +201,15 @@ def methods() -> None:
         from taskgrouping.methods.base import METHOD_OPTIONS, available_methods
 
         for name, fn in sorted(available_methods().items()):
-            doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+            doc = _first_paragraph(fn.__doc__)
             opts = ", ".join(f"{k}={v!r}" for k, v in METHOD_OPTIONS[name].defaults().items())
             typer.echo(f"{name}: {doc}" + (f"  [options: {opts}]" if opts else ""))
+
+
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph (up to the first blank line) as one line."""
+    lines = inspect.cleandoc(doc or "").split("\n\n", 1)[0].split()
+    return " ".join(lines)
 
 
 @app.command()
@@ -212,7 +219,8 @@ def select(losses: Path = typer.Option(..., "--losses", help="Per-network valida
            approx: str = typer.Option("optimal", "--approx", help="optimal | hoa | esa"),
            early: Optional[Path] = typer.Option(None, "--early", help="Losses early in training (for esa)."),
            budgets: str = typer.Option("1:5:0.5", "--budgets", help="start:stop:step (inclusive) or a,b,c"),
-           solver: str = typer.Option("search", "--solver", help="search (Standley's branch and bound) | milp"),
+           solver: str = typer.Option("auto", "--solver", help="auto (search up to 64 networks, else milp) | "
+                                      "search (Standley's branch and bound) | milp"),
            tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task names for the columns "
                                                "of a Standley results file."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:

@@ -136,8 +136,21 @@ def method_record(res: MethodResult, data: TaskData) -> dict[str, Any]:
         "train_seconds": res.train_seconds,
         "n_networks": res.n_networks,
     }
+    rec.update(ranking_means(res.per_task, data))
     rec.update(res.extra)
     return rec
+
+
+def ranking_means(per_task: dict[str, dict[str, Any]], data: TaskData) -> dict[str, float | None]:
+    """``mean_auroc`` and ``mean_average_precision`` over the binary tasks whose value is defined
+    (a split with one class has none); ``None`` when there is no binary task or no defined value."""
+    binary = [t.name for t in data.tasks if t.kind == "binary"]
+    out: dict[str, float | None] = {}
+    for metric in ("auroc", "average_precision"):
+        vals = [v for v in ((per_task.get(n) or {}).get(metric) for n in binary)
+                if isinstance(v, (int, float)) and not math.isnan(v)]
+        out[f"mean_{metric}"] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 def summarise(config: dict[str, Any], data: TaskData, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -153,6 +166,7 @@ def summarise(config: dict[str, Any], data: TaskData, results: dict[str, dict[st
         rec["norm_gain_e"] = (norm_gain(pt, ref["per_task"], "error", classification)
                               if ref and classification else None)
         rec["delta_mtl"] = delta_mtl(pt, stl["per_task"], primary) if stl else None
+        rec.update(ranking_means(pt, data))  # also for records a resumed run read from partial/
     ranks = mean_rank({m: r["per_task"] for m, r in results.items()}, {t.name: t.primary_metric for t in data.tasks})
     for m, r in ranks.items():
         results[m]["mean_rank"] = r

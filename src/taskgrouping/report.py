@@ -14,16 +14,27 @@ def _fmt(x: Any, digits: int = 4, signed: bool = False) -> str:
     return str(x)
 
 
+def _has_binary(summary: dict[str, Any]) -> bool:
+    """Whether the run has binary tasks: only theirs report ``auroc``."""
+    return any(isinstance(m, dict) and "auroc" in m
+               for rec in summary["methods"].values() for m in (rec.get("per_task") or {}).values())
+
+
 def results_table(summary: dict[str, Any]) -> str:
     """The comparison table of every method in a run, followed by the groupings found."""
     ref = summary.get("reference") or "none"
     head = ["method", "groups", "total test loss", "total test error", f"NormGain_L vs {ref}",
             f"NormGain_E vs {ref}", "Δ_MTL vs STL", "mean rank", "train s"]
+    ranking = _has_binary(summary)
+    if ranking:  # binary tasks: their mean AUROC and average precision, before the training time
+        head[-1:-1] = ["mean AUROC", "mean AP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name, rec in summary["methods"].items():
         row = [name, str(len(rec["grouping"])), _fmt(rec["total_test_loss"]), _fmt(rec.get("total_test_error")),
                _fmt(rec.get("norm_gain_l"), signed=True), _fmt(rec.get("norm_gain_e"), signed=True),
                _fmt(rec.get("delta_mtl"), signed=True), _fmt(rec.get("mean_rank"), 2), _fmt(rec["train_seconds"], 1)]
+        if ranking:
+            row[-1:-1] = [_fmt(rec.get("mean_auroc")), _fmt(rec.get("mean_average_precision"))]
         lines.append("| " + " | ".join(row) + " |")
     ds = summary["dataset"]
     lines.append("")

@@ -8,7 +8,8 @@ direction. Targets follow one convention for every dataset so that masking is un
 * regression (``regression``, ``dense_regression``, ``normal``): floating targets, ``NaN`` marks a
   missing value.
 
-Binary tasks use two logits and cross-entropy, as TAG and DMTG do for CelebA.
+Binary tasks use two logits and cross-entropy, as TAG and DMTG do for CelebA; their ranking metrics
+(``auroc``, ``average_precision``) score the softmax probability of class 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,6 +33,9 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "loss": False,
     "error": False,
     "accuracy": True,
+    "auroc": True,
+    "average_precision": True,
+    "macro_f1": True,
     "mse": False,
     "l1": False,
     "miou": True,
@@ -142,7 +147,12 @@ class Task:
 
 
 class TaskMeter:
-    """Accumulates a task's loss and metrics over batches (sums, not means of means)."""
+    """Accumulates a task's loss and metrics over batches (sums, not means of means).
+
+    Binary tasks also keep every valid label's positive-class probability (``float32``) and label
+    (``int8``) of the split, for AUROC and average precision; multi-class tasks keep a confusion
+    matrix, for macro-F1.
+    """
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -157,6 +167,8 @@ class TaskMeter:
         self.angle_hist = torch.zeros(18001, dtype=torch.float64) if task.kind == "normal" else None
         self.angle_sum = 0.0
         self.n_angles = 0
+        self.scores: list[Tensor] = []
+        self.labels: list[Tensor] = []
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -170,6 +182,7 @@ class TaskMeter:
             hit = pred.reshape(pred.shape[0], -1).argmax(dim=1) == tgt
             self.correct += int((hit & valid).sum())
             self.n_labels += int(valid.sum())
+            self._update_extra(pred, target)
         elif task.kind == "segmentation":
             k = task.num_classes
             tgt = target.long().reshape(-1)
@@ -197,6 +210,48 @@ class TaskMeter:
             self.rel_sum += float((diff[nz].abs() / tv[nz].abs()).sum())
             self.n_labels += int(valid.sum())
 
+    def _update_extra(self, pred: Tensor, target: Tensor) -> None:
+        """Binary: keep scores and labels; multiclass: add to the confusion matrix (valid labels only)."""
+        logits = pred.reshape(pred.shape[0], -1).float()
+        tgt = target.reshape(-1)
+        valid = ~torch.isnan(tgt) & (tgt >= 0) if tgt.is_floating_point() else tgt >= 0
+        tgt = tgt[valid].long()
+        logits = logits[valid]
+        if self.task.kind == "binary":
+            prob = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)[:, 1]
+            self.scores.append(prob.to(torch.float32))
+            self.labels.append(tgt.to(torch.int8))
+        else:
+            k = self.task.num_classes
+            idx = tgt * k + logits.argmax(dim=1)
+            conf = torch.bincount(idx, minlength=k * k).reshape(k, k).double()
+            self.confusion = conf if self.confusion is None else self.confusion + conf
+
+    def _ranking(self) -> dict[str, float]:
+        """AUROC and average precision of a binary task; NaN when the labels seen hold one class or none."""
+        if not self.labels:
+            return {"auroc": math.nan, "average_precision": math.nan}
+        y = torch.cat(self.labels).numpy()
+        if y.size == 0 or np.unique(y).size < 2:
+            return {"auroc": math.nan, "average_precision": math.nan}
+        from sklearn.metrics import average_precision_score, roc_auc_score
+
+        s = torch.cat(self.scores).numpy()
+        return {"auroc": float(roc_auc_score(y, s)), "average_precision": float(average_precision_score(y, s))}
+
+    def _macro_f1(self) -> float:
+        """Mean F1 over the classes that occur as label or prediction (scikit-learn's ``average="macro"``)."""
+        if self.confusion is None:
+            return math.nan
+        conf = self.confusion
+        tp = conf.diag()
+        fp = conf.sum(0) - tp
+        fn = conf.sum(1) - tp
+        present = (tp + fp + fn) > 0
+        if not present.any():
+            return math.nan
+        return float((2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])).mean())
+
     def compute(self) -> dict[str, float]:
         """Metric name -> value over everything seen (directions in :data:`HIGHER_IS_BETTER`)."""
         task = self.task
@@ -204,6 +259,10 @@ class TaskMeter:
         if task.kind in ("binary", "multiclass"):
             acc = self.correct / self.n_labels if self.n_labels else math.nan
             out.update(accuracy=acc, error=1.0 - acc)
+            if task.kind == "binary":
+                out.update(self._ranking())
+            else:
+                out["macro_f1"] = self._macro_f1()
         elif task.kind == "segmentation":
             if self.confusion is None:
                 out.update(miou=math.nan, pixel_acc=math.nan)
