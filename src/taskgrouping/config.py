@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import yaml
 
 from taskgrouping.engine.trainer import TrainConfig
+from taskgrouping.option_values import short_repr
 
 if TYPE_CHECKING:
     from taskgrouping.data.base import TaskData
@@ -49,9 +50,6 @@ MAX_YAML_DEPTH = 32
 MAX_CONFIG_BYTES = 2**20
 #: ``name`` becomes the folder ``runs/<name>-<date>``: one path component of at most this length.
 MAX_NAME_LENGTH = 100
-#: Methods whose training step gives the balancer no shared features (InterroGate's gated network
-#: has no ``forward_heads``): feature-level balancers and the gradient diagnostics cannot run on them.
-FEATURELESS_METHODS = ("interrogate",)
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -197,7 +195,7 @@ def validate(config: dict[str, Any]) -> None:
     allowed = set(DEFAULTS) | set(OPTIONAL_KEYS) | set(methods)
     for key in config:
         if key not in allowed:
-            raise ConfigError(f"unknown config key {_short(key)}; expected one of {sorted(allowed)}")
+            raise ConfigError(f"unknown config key {short_repr(key)}; expected one of {sorted(allowed)}")
     _check_int("seed", config["seed"], *_INT64)
     _check_int("K", config["K"], 1)
     _check_int("threads", config["threads"], 0, 4096, "(0 = torch's default)")
@@ -205,23 +203,23 @@ def validate(config: dict[str, Any]) -> None:
     if isinstance(ms, str):
         ms = config["methods"] = [ms]
     if not isinstance(ms, list) or not ms:
-        raise ConfigError(f"methods must be a non-empty list of method names, got {_short(ms)}")
+        raise ConfigError(f"methods must be a non-empty list of method names, got {short_repr(ms)}")
     for i, m in enumerate(ms):
         if not isinstance(m, str):
-            raise ConfigError(f"methods[{i}] must be a method name, got {_short(m)}; expected one of {sorted(methods)}")
+            raise ConfigError(f"methods[{i}] must be a method name, got {short_repr(m)}; expected one of {sorted(methods)}")
         if m not in methods:
             raise ConfigError(f"unknown method {m!r}; expected one of {sorted(methods)}")
     if len(set(ms)) != len(ms):
         raise ConfigError(f"methods lists a method twice: {ms}")
     if config.get("reference") is not None and not isinstance(config["reference"], str):
-        raise ConfigError(f"reference must be a method name (or null), got {_short(config['reference'])}")
+        raise ConfigError(f"reference must be a method name (or null), got {short_repr(config['reference'])}")
     jobs_dir = config.get("jobs_dir")
     if jobs_dir is not None and (not isinstance(jobs_dir, str) or not jobs_dir.strip() or "\0" in jobs_dir):
-        raise ConfigError(f"jobs_dir must be a directory path (or null for DIR/jobs), got {_short(jobs_dir)}")
+        raise ConfigError(f"jobs_dir must be a directory path (or null for DIR/jobs), got {short_repr(jobs_dir)}")
     for m in methods:
         section = config.get(m)
         if section is not None and not isinstance(section, dict):
-            raise ConfigError(f"{m} must be a mapping of options, got {_short(section)}")
+            raise ConfigError(f"{m} must be a mapping of options, got {short_repr(section)}")
     for m in methods:  # every method's options, values included, before anything trains
         if m in ms or config.get(m) is not None:
             try:
@@ -237,7 +235,7 @@ def validate(config: dict[str, Any]) -> None:
     diag = config["diagnostics"]
     _check_int("diagnostics.every", diag.get("every", 0), 0, None, "(0 = off)")
     if diag.get("level", "feature") not in ("param", "feature"):
-        raise ConfigError(f"diagnostics.level must be 'param' or 'feature', got {_short(diag.get('level'))}")
+        raise ConfigError(f"diagnostics.level must be 'param' or 'feature', got {short_repr(diag.get('level'))}")
     _check_features(ms, config["balancer"], balancer, int(diag.get("every", 0) or 0))
     train_keys = [f.name for f in fields(TrainConfig)]
     _check_section(config, "train", train_keys)
@@ -256,15 +254,10 @@ def check_name(name: Any) -> None:
     expected = (f"expected a plain run name (one folder name of at most {MAX_NAME_LENGTH} characters, without "
                 "'/', '\\', '..' or control characters)")
     if not isinstance(name, str):
-        raise ConfigError(f"name must be a string, got {_short(name)}; {expected}")
+        raise ConfigError(f"name must be a string, got {short_repr(name)}; {expected}")
     if (len(name) > MAX_NAME_LENGTH or "/" in name or "\\" in name or ".." in name or name.strip() in ("", ".")
             or any(ord(c) < 32 or ord(c) == 127 for c in name)):
-        raise ConfigError(f"name {_short(name)} is not allowed; {expected}")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+        raise ConfigError(f"name {short_repr(name)} is not allowed; {expected}")
 
 
 def _check_int(key: str, value: Any, low: int | None = None, high: int | None = None, note: str = "") -> None:
@@ -273,7 +266,7 @@ def _check_int(key: str, value: Any, low: int | None = None, high: int | None = 
     if not ok:
         bounds = f" between {low} and {high}" if low is not None and high is not None else (
             f" >= {low}" if low is not None else "")
-        raise ConfigError(f"{key} must be an integer{bounds}{' ' + note if note else ''}, got {_short(value)}")
+        raise ConfigError(f"{key} must be an integer{bounds}{' ' + note if note else ''}, got {short_repr(value)}")
 
 
 def _check_data_section(config: dict[str, Any]) -> None:
@@ -295,7 +288,7 @@ def _check_model_section(model: dict[str, Any]) -> None:
     if options is None:
         options = model["options"] = {}
     if not isinstance(options, dict):
-        raise ConfigError(f"model.options must be a mapping of backbone options, got {_short(options)}")
+        raise ConfigError(f"model.options must be a mapping of backbone options, got {short_repr(options)}")
     _check_int("model.shared_blocks", model.get("shared_blocks", 0), 0)
     if model.get("backbone") is None:
         return  # the default backbone depends on the input shape: checked with the data
@@ -316,9 +309,12 @@ def _check_balancer(section: dict[str, Any]) -> Any:
 
 
 def _check_features(methods: list[str], section: dict[str, Any], balancer: Any, every: int) -> None:
-    """Feature-level balancers and the diagnostics need shared features some methods do not give."""
+    """Feature-level balancers and the diagnostics need shared features some methods do not give
+    (their options class says so: :attr:`~taskgrouping.methods.options.MethodOptions.gives_features`)."""
+    from taskgrouping.methods.base import METHOD_OPTIONS
+
     for m in methods:
-        if m not in FEATURELESS_METHODS:
+        if METHOD_OPTIONS[m].gives_features:
             continue
         if getattr(balancer, "uses_features", False):
             raise ConfigError(f"balancer {section.get('name')!r} works on the shared features the heads read, but "

@@ -20,8 +20,9 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save as save_tensor_bytes
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_state_dict", "json_default",
-           "finite_json", "strict_json", "append_text", "named_os_error", "file_sha256", "tree_digest", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_state_dict", "tensor_bytes",
+           "json_default", "finite_json", "strict_json", "append_text", "named_os_error", "file_sha256",
+           "tree_digest", "fsync_dir"]
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -100,10 +101,15 @@ def atomic_write_json(path: Path | str, obj: Any, indent: int | None = 1, strict
     atomic_write_text(path, text)
 
 
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Tensors (e.g. a ``state_dict``) as the bytes of a safetensors file (detached, on the CPU, each
+    with storage of its own, as safetensors requires)."""
+    return save_tensor_bytes({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+
+
 def save_state_dict(path: Path | str, tensors: Mapping[str, torch.Tensor]) -> None:
     """Write tensors (e.g. a ``state_dict``) as a safetensors file, atomically and fsynced."""
-    atomic_write_bytes(path, save_tensor_bytes({k: v.detach().cpu().contiguous().clone()
-                                                for k, v in tensors.items()}))
+    atomic_write_bytes(path, tensor_bytes(tensors))
 
 
 def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:

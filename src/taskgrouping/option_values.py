@@ -21,13 +21,14 @@ import types
 import typing
 from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
-__all__ = ["matches", "describe", "check_value", "accepted_options", "check_factory_options"]
+__all__ = ["matches", "describe", "check_value", "short_repr", "accepted_options", "check_factory_options"]
 
 _SEQUENCES = (list, tuple, abc.Sequence, abc.Iterable, abc.Collection, abc.MutableSequence)
 _MAPPINGS = (dict, abc.Mapping, abc.MutableMapping)
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for one-line messages."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -99,9 +100,12 @@ def describe(hint: Any) -> str:
 
 def check_value(key: str, value: Any, hint: Any, *, choices: Sequence[Any] | None = None,
                 low: float | None = None, high: float | None = None, low_open: bool = False,
-                high_open: bool = False) -> None:
+                high_open: bool = False, or_null: bool = False) -> None:
     """Raise ``ValueError("<key> must be <what>, got <value>")`` unless ``value`` fits ``hint``, is one
-    of ``choices`` (when given) and lies within the bounds (``(low`` / ``high)`` when open)."""
+    of ``choices`` (when given) and lies within the bounds (``(low`` / ``high)`` when open); with
+    ``or_null``, ``None`` is accepted too (and the message says so after the bounds)."""
+    if or_null and value is None:
+        return
     ok = matches(value, hint)
     expected = describe(hint)
     if choices is not None:
@@ -115,8 +119,8 @@ def check_value(key: str, value: Any, hint: Any, *, choices: Sequence[Any] | Non
         bounds.append(f"{'<' if high_open else '<='} {high:g}")
         ok = ok and (value < high if high_open else value <= high)
     if not ok:
-        raise ValueError(f"{key} must be {expected}{' ' + ' and '.join(bounds) if bounds else ''}, "
-                         f"got {_short(value)}")
+        raise ValueError(f"{key} must be {expected}{' ' + ' and '.join(bounds) if bounds else ''}"
+                         f"{' or null' if or_null else ''}, got {short_repr(value)}")
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -30,10 +30,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensor_bytes
-from safetensors.torch import save as save_tensor_bytes
 from torch import Tensor, nn
 
-from taskgrouping.io import atomic_write_bytes, atomic_write_json, fsync_dir
+from taskgrouping.io import atomic_write_bytes, atomic_write_json, fsync_dir, tensor_bytes
 
 STATE = "state.json"
 FORMAT = 2
@@ -65,10 +64,6 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
     for idx, st in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(st)
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _tensor_bytes(tensors: dict[str, Tensor]) -> bytes:
-    return save_tensor_bytes({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
 
 
 def _remove(path: Path) -> None:
@@ -156,7 +151,7 @@ class Checkpoint:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         files: dict[str, dict[str, Any]] = {}
         for name, tensors in zip(FILES, (model.state_dict(), best, opt_tensors)):
-            data = _tensor_bytes(tensors)
+            data = tensor_bytes(tensors)
             atomic_write_bytes(target / name, data)
             files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         fsync_dir(target)

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Seq
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import nn
 
 from taskgrouping.engine.checkpoint import Checkpoint
 from taskgrouping.engine.fit import RunContext, build_model, fit
 from taskgrouping.grouping.grouping import Grouping
+from taskgrouping.io import tensor_bytes
 from taskgrouping.models.branched import BranchedModel
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def train_job(ctx: RunContext, job: TrainingJob) -> JobResult:
     result, val, test = fit(ctx, model, tag=job.tag, tasks=tasks, config=config, checkpoint_dir=job.checkpoint_dir,
                             resume=resume)
     history = [h for h in result.history if h["epoch"] >= job.continues_from]
-    weights = save_tensors({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()})
+    weights = tensor_bytes(result.model.state_dict())
     return JobResult(job.tag, val, test, float(sum(h["seconds"] for h in history)), result.best_epoch,
                      result.epochs_run, history, weights)
 

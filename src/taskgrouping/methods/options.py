@@ -9,7 +9,9 @@ need the data (task names, task types) live in the method's ``check_data``.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, TypeVar
+
+from taskgrouping.option_values import check_value
 
 if TYPE_CHECKING:
     from taskgrouping.data.base import TaskData
@@ -30,6 +32,10 @@ class MethodOptions:
     Subclasses are frozen dataclasses whose ``__post_init__`` checks values with :func:`expect` and
     friends, which raise ``ValueError`` starting with the key's name.
     """
+
+    #: whether the method's training step hands the balancer the shared features the heads read
+    #: (feature-level balancers and the gradient diagnostics need them)
+    gives_features: ClassVar[bool] = True
 
     def check_data(self, data: TaskData) -> None:
         """Raise ``ValueError`` (naming the option) if these options cannot work on ``data``; called
@@ -75,32 +81,14 @@ def expect(ok: bool, key: str, expected: str, value: Any) -> None:
 def expect_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
                   low_open: bool = False, allow_none: bool = False) -> None:
     """``value`` is a finite real number (not a bool) within ``[low, high]`` (``(low, high]`` if ``low_open``)."""
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
-        and abs(value) != float("inf")
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
-    if high is not None:
-        bounds.append(f"<= {high:g}")
-    expect(ok, key, "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
-           + (" or null" if allow_none else ""), value)
+    check_value(key, value, float, low=low, high=high, low_open=low_open, or_null=allow_none)
 
 
 def expect_int(key: str, value: Any, *, low: int | None = None, allow_none: bool = False) -> None:
     """``value`` is an integer (not a bool), ``>= low`` when given."""
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
-    expect(ok, key, "an integer" + (f" >= {low}" if low is not None else "") + (" or null" if allow_none else ""),
-           value)
+    check_value(key, value, int, low=low, or_null=allow_none)
 
 
 def expect_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     """``value`` is one of ``choices``."""
-    expect(value in choices, key, f"one of {list(choices)}", value)
+    check_value(key, value, Any, choices=choices)

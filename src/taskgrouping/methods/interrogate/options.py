@@ -10,7 +10,7 @@ measurements behind this are in ``benchmarks/results/interrogate_defaults.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from taskgrouping.methods.options import MethodOptions, expect_choice, expect_int, expect_number
 from taskgrouping.tasks import Task
@@ -55,6 +55,9 @@ class InterroGateOptions(MethodOptions):
             need: at the full rate they overfit before the gates move).
         epochs: length of the gated fine-tuning phase (null = ``train.epochs``).
     """
+
+    #: the gated network has no ``forward_heads``: no shared features for the balancer
+    gives_features: ClassVar[bool] = False
 
     lambda_s: float = 1.0
     tau: float | Mapping[str, float] = 0.2
