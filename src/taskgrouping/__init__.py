@@ -8,7 +8,8 @@ The public API, for use from Python (the ``taskgrouping`` command covers the sam
   :class:`CallbackBase`, :class:`StepOutput`, :func:`get_balancer`;
 * runs and methods: :func:`build_config`, :func:`run_experiment`, :func:`available_methods`,
   :func:`register_method`, :class:`MethodContext`, :class:`MethodResult`, :class:`MethodOptions`,
-  :class:`Grouping`.
+  :class:`Grouping`;
+* grouping on your own data in one call: :func:`group_tasks` -> :class:`GroupingResult`.
 
 Names are imported on first use, so ``import taskgrouping`` stays cheap.
 """
@@ -44,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "MethodResult": "taskgrouping.methods.base",
     "MethodOptions": "taskgrouping.methods.options",
     "Grouping": "taskgrouping.grouping.grouping",
+    "group_tasks": "taskgrouping.api",
+    "GroupingResult": "taskgrouping.api",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,5 +1,5 @@
 """Command-line interface: ``taskgrouping run | datasets | methods | select | tag-select |
-balance-bench | interrogate-sweep``.
+balance-bench | interrogate-sweep | predict``.
 
 Every command runs inside one error boundary (:class:`ErrorBoundary`): a user error, an OS error
 (a full disk, a path that is not writable), a damaged file, a resource error is printed as one line
@@ -333,6 +333,41 @@ def interrogate_sweep(config: Optional[Path] = typer.Argument(None, help="YAML c
             typer.echo(interrogate_sweep_cli(cfg, _csv(lambdas, float, "--lambdas"), _csv(seeds, int, "--seeds"),
                                              out))
         typer.echo(f"results in {out}")
+
+
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="A run directory written by `taskgrouping run`."),
+            method: str = typer.Option(..., "--method", "-m", help="The method whose saved model predicts."),
+            out: Path = typer.Option(..., "--out", "-o", help="FILE.csv (one column per task) or FILE.npz (one "
+                                     "array per task; dense tasks too)."),
+            split: str = typer.Option("test", "--split", help="train | val | test"),
+            data: Optional[Path] = typer.Option(None, "--data", help="YAML file of data keys ({name: npz, path: "
+                                                "...} or {data: {...}}) replacing the run's data; tasks must "
+                                                "match the model's."),
+            set_: list[str] = typer.Option([], "--set", "-s", help="Change a data key, e.g. --set data.path=new.npz."),
+            device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (default: the run's "
+                                                 "train.device)."),
+            metrics: bool = typer.Option(False, "--metrics", help="Print, as the last line, the JSON object "
+                                         "{task: {metric: value}} of these predictions.")) -> None:
+    """Predict with a run's saved model: probability of class 1 for binary tasks, class id for multi-class
+    tasks, value for regression; without --data, on the run's own data (drawn again as the run drew it)."""
+    with ErrorBoundary(subject=f"run {str(run_dir)!r}"):
+        from taskgrouping.io import strict_json
+        from taskgrouping.predict import check_output_path, predict_run, write_predictions
+
+        check_output_path(out)
+        if device is not None and device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {device!r}: expected auto, cpu or cuda")
+        run, preds = predict_run(run_dir, method, split, data, set_, device, out)
+        write_predictions(preds, out)
+        draws = run.record(method).get("averaged_over_draws") or 1
+        if draws > 1:
+            typer.echo(f"note: results.json averages {method}'s metrics over {draws} draws; the saved model is the "
+                       f"first draw's (its metrics are methods.{method}.draws[0].per_task)", err=True)
+        typer.echo(f"wrote {preds.n} predictions of {len(preds.tasks)} tasks ({split} split, method {method}) "
+                   f"to {out}")
+        if metrics:
+            typer.echo(strict_json(preds.metrics))
 
 
 def main() -> None:

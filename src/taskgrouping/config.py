@@ -1,7 +1,8 @@
 """Run configuration: defaults, presets, YAML files and ``--set key=value`` overrides.
 
 A config is a plain nested dict. Top-level keys: ``seed``, ``K``, ``methods``, ``data``, ``model``,
-``train``, ``balancer``, ``threads``, ``reference``, ``name``, plus one optional section per method
+``train``, ``balancer``, ``threads``, ``reference``, ``name`` (and, optional, ``jobs_dir`` and
+``primary_metric``), plus one optional section per method
 named after it (e.g. ``dmtg: {tau: 2.5}``). Every key is checked; an unknown one is an error that
 names it and lists the valid ones.
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import yaml
 
 from taskgrouping.engine.trainer import TrainConfig
+from taskgrouping.metrics import PER_TASK_PRIMARY, PRIMARY_METRICS, tasks_with_metric
 from taskgrouping.option_values import short_repr
 
 if TYPE_CHECKING:
@@ -37,8 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "diagnostics": {"every": 0, "level": "feature"},
 }
 #: top-level keys that may be absent: ``jobs_dir``, a job cache shared by several runs (default
-#: ``DIR/jobs``), see :mod:`taskgrouping.engine.job_cache`
-OPTIONAL_KEYS = ("jobs_dir",)
+#: ``DIR/jobs``), see :mod:`taskgrouping.engine.job_cache`; ``primary_metric``, the metric behind
+#: NormGain_M and the mean rank (default ``task``: each task's own metric, no NormGain_M), see
+#: :mod:`taskgrouping.metrics`
+OPTIONAL_KEYS = ("jobs_dir", "primary_metric")
 DIAGNOSTICS_KEYS = ("every", "level")
 MODEL_KEYS = ("backbone", "options", "shared_blocks")
 BALANCER_KEYS = ("name", "options")
@@ -213,6 +217,7 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"methods lists a method twice: {ms}")
     if config.get("reference") is not None and not isinstance(config["reference"], str):
         raise ConfigError(f"reference must be a method name (or null), got {short_repr(config['reference'])}")
+    _check_primary_metric(config.get("primary_metric", PER_TASK_PRIMARY))
     jobs_dir = config.get("jobs_dir")
     if jobs_dir is not None and (not isinstance(jobs_dir, str) or not jobs_dir.strip() or "\0" in jobs_dir):
         raise ConfigError(f"jobs_dir must be a directory path (or null for DIR/jobs), got {short_repr(jobs_dir)}")
@@ -258,6 +263,25 @@ def check_name(name: Any) -> None:
     if (len(name) > MAX_NAME_LENGTH or "/" in name or "\\" in name or ".." in name or name.strip() in ("", ".")
             or any(ord(c) < 32 or ord(c) == 127 for c in name)):
         raise ConfigError(f"name {short_repr(name)} is not allowed; {expected}")
+
+
+def _check_primary_metric(value: Any) -> None:
+    choices = (PER_TASK_PRIMARY,) + PRIMARY_METRICS
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"primary_metric must be one of {list(choices)} ('{PER_TASK_PRIMARY}': each task's own "
+                          f"metric), got {short_repr(value)}")
+
+
+def _check_metric_on_data(key: str, metric: str, data: TaskData) -> None:
+    """``metric`` (of config key ``key``) is reported by at least one task of ``data``."""
+    if metric in (PER_TASK_PRIMARY, "loss") or tasks_with_metric(data.tasks, metric):
+        return
+    kinds = sorted({t.kind for t in data.tasks})
+    which = "binary tasks only" if metric in ("auroc", "average_precision") else "binary and multi-class tasks"
+    raise ConfigError(f"{key}={metric}: dataset {data.name!r} has no task that reports {metric} ({metric} is "
+                      f"defined for {which}; its tasks are {', '.join(kinds)}); expected 'loss'"
+                      + (" or 'error'" if tasks_with_metric(data.tasks, "error") else "")
+                      + (f" or '{PER_TASK_PRIMARY}'" if key == "primary_metric" else ""))
 
 
 def _check_int(key: str, value: Any, low: int | None = None, high: int | None = None, note: str = "") -> None:
@@ -333,6 +357,8 @@ def check_config_against_data(config: dict[str, Any], data: TaskData) -> None:
     from taskgrouping.models.checks import check_model
 
     n = len(data.tasks)
+    _check_metric_on_data("primary_metric", config.get("primary_metric", PER_TASK_PRIMARY), data)
+    _check_metric_on_data("train.select_metric", TrainConfig(**config["train"]).select_metric, data)
     if config["K"] > n:
         raise ConfigError(f"K={config['K']} is larger than the number of tasks ({n}) of dataset {data.name!r}")
     try:

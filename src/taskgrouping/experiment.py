@@ -25,8 +25,9 @@ from taskgrouping.engine.driver import Driver, discard_on_error, prepare_data
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.io import atomic_write_json, atomic_write_text, save_state_dict
 from taskgrouping.methods.base import MethodContext, MethodResult, available_methods, method_options
-from taskgrouping.metrics import delta_mtl, mean_rank, norm_gain, summary_convention, total
-from taskgrouping.report import results_table
+from taskgrouping.metrics import (PER_TASK_PRIMARY, delta_mtl, mean_rank, norm_gain, summary_convention,
+                                  tasks_with_metric, total)
+from taskgrouping.report import console_table, groups_inline, results_table
 
 
 def run_experiment(config: dict[str, Any], out_dir: Path | str, resume: bool = False,
@@ -79,16 +80,33 @@ def _run(driver: Driver, config: dict[str, Any], resume: bool, echo: Callable[[s
             save_state_dict(out / "models" / f"{name}.safetensors", res.model.state_dict())
         atomic_write_json(partial, record, strict=True)
         results[name] = record
-        echo(f"[{name}] total test loss {record['total_test_loss']:.4f}; groups {record['grouping']}")
+        echo(f"[{name}] total test loss {record['total_test_loss']:.4f}; groups "
+             f"{groups_inline(record['grouping'], len(data.tasks))}")
     for name in list(results):  # variants (e.g. DMTG's grouping retrained) become rows of their own
         results.update(results[name].pop("variants", {}) or {})
     summary = summarise(config, data, results)
     summary.update(driver.provenance())
+    summary["figures"] = write_figures(summary, out / "figures", echo)
     table = results_table(summary)
     atomic_write_json(out / "results.json", summary, strict=True)
     atomic_write_text(out / "table.md", table + "\n")
-    echo(table)
+    echo(console_table(summary, where=f"{out / 'table.md'} and {out / 'results.json'}"))
     return summary
+
+
+def write_figures(summary: dict[str, Any], folder: Path, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Draw ``folder/comparison.png`` (each method's NormGain against its training time,
+    :func:`~taskgrouping.figures.comparison_figure`) and return the run's figures by name (DMTG's
+    assignment heatmaps included); without a reference run there is no NormGain and no comparison."""
+    from taskgrouping.figures import comparison_figure, normgain_key
+
+    figures = {f"{name}_assignment": rec["assignment_figure"] for name, rec in summary["methods"].items()
+               if rec.get("assignment_figure")}
+    if normgain_key(summary["methods"]) is None:
+        echo(f"no comparison figure: the reference method {summary['config'].get('reference')!r} was not run")
+        return figures
+    figures["comparison"] = str(comparison_figure(summary, folder / "comparison.png"))
+    return figures
 
 
 def _read_partial(path: Path) -> dict[str, Any]:
@@ -154,28 +172,37 @@ def ranking_means(per_task: dict[str, dict[str, Any]], data: TaskData) -> dict[s
 
 
 def summarise(config: dict[str, Any], data: TaskData, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Add NormGain (vs the reference), Delta_MTL (vs single_task) and mean rank to every method."""
+    """Add NormGain_L / NormGain_E (and NormGain_M on ``primary_metric``; vs the reference), Delta_MTL
+    (vs single_task) and mean rank (on ``primary_metric``, or each task's own metric) to every method."""
     ref_name = config.get("reference", "naive_mtl")
     ref = results.get(ref_name)
     stl = results.get("single_task")
     classification = [t.name for t in data.tasks if t.kind in ("binary", "multiclass")]
     primary = {t.name: [t.primary_metric] for t in data.tasks}
+    metric = config.get("primary_metric") or PER_TASK_PRIMARY
+    ranked = ({t.name: t.primary_metric for t in data.tasks} if metric == PER_TASK_PRIMARY
+              else dict.fromkeys(tasks_with_metric(data.tasks, metric), metric))
     for rec in results.values():
         pt = rec["per_task"]
         rec["norm_gain_l"] = norm_gain(pt, ref["per_task"], "loss") if ref else None
         rec["norm_gain_e"] = (norm_gain(pt, ref["per_task"], "error", classification)
                               if ref and classification else None)
+        rec["norm_gain_m"] = (norm_gain(pt, ref["per_task"], metric, list(ranked))
+                              if ref and metric != PER_TASK_PRIMARY else None)
         rec["delta_mtl"] = delta_mtl(pt, stl["per_task"], primary) if stl else None
         rec.update(ranking_means(pt, data))  # also for records a resumed run read from partial/
-    ranks = mean_rank({m: r["per_task"] for m, r in results.items()}, {t.name: t.primary_metric for t in data.tasks})
+    ranks = mean_rank({m: r["per_task"] for m, r in results.items()}, ranked)
     for m, r in ranks.items():
         results[m]["mean_rank"] = r
+    train = config.get("train") or {}
     return {
         "name": config.get("name"), "seed": config["seed"], "K": config["K"], "config": config,
         "dataset": {"name": data.name, "tasks": data.task_names, "known_groups": data.groups, "info": data.info},
         "reference": ref_name if ref else None,
+        "primary_metric": metric,
         "conventions": summary_convention(ref_name if ref else "none (reference method not run)",
-                                          "single_task" if stl else None),
+                                          "single_task" if stl else None, metric,
+                                          train.get("select", "best_val"), train.get("select_metric", "loss")),
         "methods": results,
     }
 

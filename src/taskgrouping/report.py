@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from taskgrouping.figures import assignment_heatmaps
+
+__all__ = ["results_table", "console_table", "grouping_lines", "groups_inline", "group_sizes",
+           "assignment_heatmaps"]  # assignment_heatmaps lives in taskgrouping.figures
+
 
 def _fmt(x: Any, digits: int = 4, signed: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -20,11 +25,22 @@ def _has_binary(summary: dict[str, Any]) -> bool:
                for rec in summary["methods"].values() for m in (rec.get("per_task") or {}).values())
 
 
+def _primary_metric(summary: dict[str, Any]) -> str | None:
+    """The run's ``primary_metric`` when it names one metric (``None``: each task's own, as before)."""
+    metric = summary.get("primary_metric")
+    from taskgrouping.metrics import PER_TASK_PRIMARY
+
+    return metric if metric and metric != PER_TASK_PRIMARY else None
+
+
 def results_table(summary: dict[str, Any]) -> str:
     """The comparison table of every method in a run, followed by the groupings found."""
     ref = summary.get("reference") or "none"
+    primary = _primary_metric(summary)
     head = ["method", "groups", "total test loss", "total test error", f"NormGain_L vs {ref}",
-            f"NormGain_E vs {ref}", "Δ_MTL vs STL", "mean rank", "train s"]
+            f"NormGain_E vs {ref}", "Δ_MTL vs STL", f"mean rank ({primary})" if primary else "mean rank", "train s"]
+    if primary:  # the run's primary metric: its NormGain after NormGain_L / NormGain_E
+        head[6:6] = [f"NormGain_M ({primary}) vs {ref}"]
     ranking = _has_binary(summary)
     if ranking:  # binary tasks: their mean AUROC and average precision, before the training time
         head[-1:-1] = ["mean AUROC", "mean AP"]
@@ -33,6 +49,8 @@ def results_table(summary: dict[str, Any]) -> str:
         row = [name, str(len(rec["grouping"])), _fmt(rec["total_test_loss"]), _fmt(rec.get("total_test_error")),
                _fmt(rec.get("norm_gain_l"), signed=True), _fmt(rec.get("norm_gain_e"), signed=True),
                _fmt(rec.get("delta_mtl"), signed=True), _fmt(rec.get("mean_rank"), 2), _fmt(rec["train_seconds"], 1)]
+        if primary:
+            row[6:6] = [_fmt(rec.get("norm_gain_m"), signed=True)]
         if ranking:
             row[-1:-1] = [_fmt(rec.get("mean_auroc")), _fmt(rec.get("mean_average_precision"))]
         lines.append("| " + " | ".join(row) + " |")
@@ -46,31 +64,59 @@ def results_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def assignment_heatmaps(history: list[list[list[float]]], task_names: list[str], path) -> None:
-    """DMTG's assignment probabilities as a figure (PNG): left, each task's probability of its final
-    group over the epochs (rows tasks, columns epochs); right, the final N x K matrix softmax(S).
+#: tasks up to which the console lists every group in full (as ``table.md`` always does)
+CONSOLE_FULL_TASKS = 16
+#: above that, the names shown per group and the groups shown per method
+CONSOLE_NAMES = 4
+CONSOLE_GROUPS = 6
 
-    ``history`` holds one N x K probability matrix per epoch.
-    """
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    probs = np.asarray(history, dtype=float)  # epochs x N x K
-    final = probs[-1]
-    chosen = final.argmax(axis=1)
-    over_time = probs[:, np.arange(len(task_names)), chosen].T  # N x epochs
-    n, k = final.shape
-    fig = Figure(figsize=(4 + 0.25 * probs.shape[0] + 0.5 * k, 1.5 + 0.3 * n))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(probs.shape[0], 2), max(k, 2)]})
-    im = ax1.imshow(over_time, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    ax1.set(title="P(task -> its final group)", xlabel="epoch", yticks=range(n), yticklabels=task_names)
-    ax2.imshow(final, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    ax2.set(title="final softmax(S)", xlabel="group", xticks=range(k), yticks=range(n), yticklabels=[])
-    for i in range(n):
-        for j in range(k):
-            ax2.text(j, i, f"{final[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                     color="black" if final[i, j] > 0.5 else "white")
-    fig.colorbar(im, ax=[ax1, ax2], fraction=0.03)
-    fig.savefig(str(path), dpi=120, bbox_inches="tight")
+def group_sizes(groups: list[list[str]]) -> str:
+    """Group sizes, largest first, repeats counted: ``"47, 46 ×2"``, ``"1 ×139"``."""
+    sizes = sorted((len(g) for g in groups), reverse=True)
+    out: list[str] = []
+    for size in dict.fromkeys(sizes):
+        n = sizes.count(size)
+        out.append(f"{size} ×{n}" if n > 1 else str(size))
+    return ", ".join(out)
+
+
+def grouping_lines(name: str, groups: list[list[str]], max_names: int = CONSOLE_NAMES,
+                   max_groups: int = CONSOLE_GROUPS) -> list[str]:
+    """A method's grouping for the console when there are many tasks: a line with the number and sizes
+    of its groups, then one indented line per group (at most ``max_groups``) with at most ``max_names``
+    names and ``… (+n more)``, then ``… (+m more groups)`` if some were left out."""
+    plural = "s" if len(groups) != 1 else ""
+    lines = [f"- {name}: {len(groups)} group{plural} (sizes {group_sizes(groups)})"]
+    for g in groups[:max_groups]:
+        shown = ", ".join(g[:max_names]) + (f", … (+{len(g) - max_names} more)" if len(g) > max_names else "")
+        lines.append(f"    {{{shown}}}")
+    if len(groups) > max_groups:
+        lines.append(f"    … (+{len(groups) - max_groups} more groups)")
+    return lines
+
+
+def groups_inline(groups: list[list[str]], n_tasks: int) -> str:
+    """One method's groups on one line: the lists themselves up to :data:`CONSOLE_FULL_TASKS` tasks,
+    else their number and sizes."""
+    if n_tasks <= CONSOLE_FULL_TASKS:
+        return str(groups)
+    return f"{len(groups)} group{'s' if len(groups) != 1 else ''} (sizes {group_sizes(groups)})"
+
+
+def console_table(summary: dict[str, Any], where: str | None = None) -> str:
+    """What the console shows at the end of a run: :func:`results_table` as is up to
+    :data:`CONSOLE_FULL_TASKS` tasks; with more, each method's grouping line replaced by
+    :func:`grouping_lines` (group sizes and a few names per group) and a pointer to ``where`` the
+    full lists are (``table.md`` and ``results.json`` keep them whole)."""
+    table = results_table(summary)
+    if len(summary["dataset"]["tasks"]) <= CONSOLE_FULL_TASKS:
+        return table
+    compact = {f"- {name}: ": grouping_lines(name, rec["grouping"]) for name, rec in summary["methods"].items()}
+    lines: list[str] = []
+    for line in table.split("\n"):
+        prefix = next((p for p in compact if line.startswith(p)), None)
+        lines.extend(compact.pop(prefix) if prefix is not None else [line])
+    if where:
+        lines.append(f"(every group in full: {where})")
+    return "\n".join(lines)

@@ -10,6 +10,12 @@ heads read (one tensor per branch), used by feature-level ("fast surrogate") met
 ``backward`` every parameter's ``.grad`` holds the update direction; the trainer then steps the
 optimiser. Balancers with learnable state expose it through :meth:`Balancer.extra_parameters`
 (added to the main optimiser) and :meth:`state_dict` (saved in checkpoints).
+
+Under ``torchrun`` (:mod:`taskgrouping.engine.distributed`) each rank runs ``backward`` on its slice
+of the global batch: the losses it gets have the global batch's values and the gradients of the
+rank's share, ``.grad`` of the network's parameters must receive the rank's share of the update
+(the trainer adds the shares up), and a balancer that looks at per-task gradients reduces them over
+:attr:`Balancer.ranks` before it computes anything from them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from taskgrouping.engine.distributed import LOCAL, Ranks
 from taskgrouping.option_values import check_factory_options, check_value
 from taskgrouping.registry import import_modules
 
@@ -31,6 +38,8 @@ class Balancer:
     needs_grads = False
     #: True when the method reads the shared features rather than shared parameters.
     uses_features = False
+    #: The ranks training the network together (set by the trainer; one process by default).
+    ranks: Ranks = LOCAL
 
     def backward(self, losses: dict[str, Tensor], shared_params: Sequence[Tensor],
                  features: Sequence[Tensor] | None = None) -> dict[str, float]:

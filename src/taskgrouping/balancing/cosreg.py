@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from taskgrouping.balancing.base import Balancer, register_balancer
-from taskgrouping.balancing.gradient_balancer import check_losses
+from taskgrouping.balancing.gradient_balancer import check_losses, same_features_everywhere
 from taskgrouping.balancing.task_gradients import iter_task_grads, task_feature_grads
 
 
@@ -46,6 +46,10 @@ class CosReg(Balancer):
     unbiased estimate of the exact one (``m = T`` is the exact update). The draw of step ``k`` comes
     from ``numpy.random.default_rng([seed, k])``; ``k`` is the balancer's state
     (:meth:`state_dict`), so a resumed run draws what the uninterrupted one would have.
+
+    Under ``torchrun`` the rows (or, at sample level, their Gramian) are summed over the ranks before
+    the penalty, and each rank seeds its own rows' graphs with ``dP/dR``: the second-order term adds
+    up to the global batch's.
     """
 
     name = "cosreg"
@@ -98,7 +102,15 @@ class CosReg(Balancer):
         """
         with torch.no_grad():
             jac = torch.stack([r.detach() for r in rows])
-            gram = (jac @ jac.T).double().cpu().numpy()  # the T x T part in float64 NumPy
+            ranks = self.ranks
+            if ranks.active and self.feature_level and self.feature_reduction == "sample":
+                # rows over this rank's samples: the global rows are their concatenation, whose Gramian
+                # is the sum of the ranks' Gramians, and dP/dR restricted to this rank's columns is mix @ R
+                gram = ranks.all_sum(jac @ jac.T).double().cpu().numpy()
+            else:
+                if ranks.active:  # parameter gradients or batch sums: the global rows are the ranks' sums
+                    jac = ranks.all_sum(jac.clone())
+                gram = (jac @ jac.T).double().cpu().numpy()  # the T x T part in float64 NumPy
         raw = np.sqrt(np.clip(np.diag(gram), 0.0, None))
         norms = np.maximum(raw, self.eps)
         outer = np.outer(norms, norms)
@@ -146,6 +158,8 @@ class CosReg(Balancer):
         hvp = list(range(n)) if hvp is None else sorted(set(hvp))
         if not hvp or not all(0 <= t < n for t in hvp):
             raise ValueError(f"balancer 'cosreg': hvp tasks must be a non-empty subset of 0..{n - 1}, got {hvp}")
+        if self.feature_level and self.feature_reduction == "batch" and self.ranks.active:
+            same_features_everywhere(self.ranks, inputs, self.name)  # batch sums of the same features add up
         if self.feature_level:  # one backward through the heads when each task has its own head
             in_grads = task_feature_grads(loss_list, inputs, create_graph=True, with_heads=False, names=names)[0]
         else:  # the graph of g_t only where its Hessian-vector product is taken

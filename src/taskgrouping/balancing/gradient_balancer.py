@@ -26,6 +26,15 @@ weights that sum to one (MGDA, CAGrad) would otherwise shrink the heads' learnin
 weights, e.g. GradDrop, fall back to unweighted). Both come from the passes already made.
 
 Gradients accumulate into ``.grad`` like ``loss.backward()`` does.
+
+**Distributed** (``torchrun``; :attr:`~taskgrouping.balancing.base.Balancer.ranks`): the rows are
+those of the global batch before anything is computed from them, so every rank gets the weights one
+process gets. Parameter level: each rank's rows are its share of the global gradients, summed over
+the ranks; every rank computes the same update and writes ``1/P`` of it. Feature level,
+``"sample"``: a row is the gradient w.r.t. every sample's features, so the ranks' rows are gathered
+(concatenated over the samples in rank order, as one process lays out the global batch) and each
+rank sends its own samples' part of the combined gradient through its trunk; ``"batch"``: the
+batch sums are summed over the ranks. Heads get the rank's share of their gradients.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 from torch import Tensor
 
 from taskgrouping.balancing.base import Balancer
+from taskgrouping.engine.distributed import Ranks
 from taskgrouping.balancing.task_gradients import graph_leaves, iter_task_grads, task_feature_grads
 
 FeatureReduction = Literal["sample", "batch"]
@@ -178,8 +188,15 @@ class GradientBalancer(Balancer):
             rows.append(torch.cat(parts))
             head_grads.append(grads[len(shared):])
         jac = torch.stack(rows)
+        ranks = self.ranks
+        if ranks.active:  # the global batch's rows: the ranks' shares add up
+            ranks.all_sum(jac)
+            hit = ranks.all_sum(torch.tensor(reached, dtype=torch.int64, device=jac.device))
+            reached = [bool(h) for h in hit.tolist()]
         direction, w = self.combine(jac, jac.unsqueeze(1))
         direction = direction[0]
+        if ranks.active:  # every rank has the whole update; its share is 1/P of it
+            direction = direction / ranks.world
         offset = 0
         for p, hit in zip(shared, reached):
             n = p.numel()
@@ -205,13 +222,21 @@ class GradientBalancer(Balancer):
             if lead == 0 or any(f.ndim == 0 or f.shape[0] != lead for f in feats):
                 raise ValueError(f"balancer {self.name!r}: feature_reduction='batch' needs every feature to have "
                                  f"the same batch size; got shapes {[tuple(f.shape) for f in feats]}")
+        if self.ranks.active:
+            same_features_everywhere(self.ranks, feats, self.name)
         feature_grads, heads, head_grads = task_feature_grads(losses, feats)
+        if self.ranks.active and self.feature_reduction == "sample":
+            w = self._backward_gathered(feats, feature_grads)
+            self._write_heads(heads, head_grads, self._head_coefficients(len(losses), w))
+            return w
         rows = []
         for grads in feature_grads:
             flat = [(torch.zeros_like(f) if g is None else g).reshape(lead, -1) for f, g in zip(feats, grads)]
             rows.append(flat[0] if len(flat) == 1 else torch.cat(flat, dim=1))
         jac = torch.stack(rows).float()  # T x lead x D
         stat = jac[:, 0] if lead == 1 else jac.sum(dim=1)
+        if self.ranks.active:  # batch sums: the global batch's is the sum of the ranks'
+            stat = self.ranks.all_sum(stat.contiguous())
         combined, w = self.combine(stat, jac)
         grads_out, offset = [], 0
         for f in feats:
@@ -221,6 +246,39 @@ class GradientBalancer(Balancer):
         torch.autograd.backward(feats, grad_tensors=grads_out)
         self._write_heads(heads, head_grads, self._head_coefficients(len(losses), w))
         return w
+
+
+    def _backward_gathered(self, feats: list[Tensor], feature_grads: list[list[Tensor | None]]) -> Tensor | None:
+        """Feature level, ``"sample"``, on several ranks: gather every rank's rows (T x samples x D per
+        feature), combine the global batch's Jacobian, send this rank's samples' part through its trunk."""
+        ranks = self.ranks
+        parts, spans = [], []
+        for k, f in enumerate(feats):
+            g = torch.stack([torch.zeros_like(f) if grads[k] is None else grads[k] for grads in feature_grads]).float()
+            whole, start = ranks.gather_rows(g, dim=1)  # T x B x ...
+            spans.append((whole.shape[1:], start, f.shape[0]))
+            parts.append(whole.reshape(len(feature_grads), 1, -1))
+        jac = torch.cat(parts, dim=2)  # T x 1 x (B D_1 + B D_2 + ...): one process's layout
+        combined, w = self.combine(jac[:, 0], jac)
+        grads_out, offset = [], 0
+        for f, (shape, start, n) in zip(feats, spans):
+            size = int(np.prod(shape))
+            whole = combined[0, offset:offset + size].reshape(shape)
+            grads_out.append(whole.narrow(0, start, n).to(f.dtype).contiguous())
+            offset += size
+        torch.autograd.backward(feats, grad_tensors=grads_out)
+        return w
+
+
+def same_features_everywhere(ranks: Ranks, feats: Sequence[Tensor], who: str) -> None:
+    """Feature level on several ranks: every rank must have computed the same shared features (a
+    branch whose tasks have no label in one rank's slice is skipped there); the same error on every
+    rank otherwise."""
+    shapes = ranks.all_objects([tuple(f.shape[1:]) for f in feats])
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"balancer {who!r} at feature level: the ranks computed different shared features this step "
+                         f"(per-sample shapes by rank {shapes}: a branch whose tasks have no label in a rank's slice "
+                         "of the batch is skipped there); use feature_level=false or a larger train.batch_size")
 
 
 def task_gramian(jacobian: Tensor) -> np.ndarray:
@@ -252,4 +310,4 @@ class GramianBalancer(GradientBalancer):
 
 
 __all__ = ["GradientBalancer", "GramianBalancer", "FeatureLevelOnly", "task_gramian", "check_losses", "accumulate_grad",
-           "FeatureReduction", "HeadGrads"]
+           "FeatureReduction", "HeadGrads", "same_features_everywhere"]

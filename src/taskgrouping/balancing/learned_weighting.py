@@ -79,7 +79,10 @@ class GradNorm(GradientBalancer):
         else:
             layer = self._last_layer(shared_params)
             norms = []
-            for grads in iter_task_grads(loss_list, layer):
+            per_task = list(iter_task_grads(loss_list, layer))
+            if self.ranks.active:  # the norms of the global batch's gradients: the ranks' shares add up
+                per_task = _summed(self.ranks, layer, per_task)
+            for grads in per_task:
                 sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=device))
                 norms.append(sq.sqrt())
             norms_t = torch.stack(norms)
@@ -110,6 +113,21 @@ class GradNorm(GradientBalancer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.task_weights.load(state.get("weights"), "weights")
         self.initial_losses = {str(k): float(v) for k, v in state.get("initial_losses", {}).items()}
+
+
+def _summed(ranks: Any, params: Sequence[Tensor], per_task: list[Sequence[Tensor | None]]) -> list[list[Tensor]]:
+    """Per-task gradients w.r.t. ``params`` summed over the ranks (one all-reduce; missing ones are zeros)."""
+    flat = torch.stack([torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
+                                   for p, g in zip(params, grads)]) for grads in per_task])
+    ranks.all_sum(flat)
+    out = []
+    for row in flat:
+        parts, offset = [], 0
+        for p in params:
+            parts.append(row[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        out.append(parts)
+    return out
 
 
 @register_balancer("auto_lambda")

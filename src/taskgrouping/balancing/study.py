@@ -55,6 +55,7 @@ from torch import nn
 from taskgrouping.balancing.base import BALANCERS, get_balancer
 from taskgrouping.diagnostics import MEASURES, DiagnosticsCallback, plot_trajectories, ranking_similarity
 from taskgrouping.engine.driver import Driver, prepare_data
+from taskgrouping.engine.distributed import env_world_size
 from taskgrouping.engine.hooks import TaskLossObjective
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.io import atomic_write_json, atomic_write_text
@@ -214,6 +215,8 @@ def run_benchmark(config: Mapping[str, Any], balancers: Sequence[str], levels: S
     from taskgrouping.methods.baselines import single_task
 
     names, levels, seeds = _check_args(balancers, levels, seeds, diagnostics_every, diagnostics_level)
+    if env_world_size() > 1:  # it measures per-step diagnostics, which each rank would take on its slice only
+        raise ValueError("balance-bench runs in one process; run it without torchrun")
     cfg = merge(DEFAULTS, dict(config))
     validate(cfg)
     driver = Driver(cfg, out_dir)

@@ -8,11 +8,11 @@ has one, the known grouping (the planted groups; MultiMNIST's left/right digits)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from taskgrouping.tasks import Task, validate_task_list
 
@@ -80,19 +80,73 @@ class TaskData:
         raise KeyError(f"unknown task {name!r}; dataset {self.name!r} has {self.task_names}")
 
 
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Rank ``rank``'s slice of every global batch: the batches one process draws, each split into
+    ``world`` contiguous parts (the first ``len % world`` one sample longer; a part may be empty).
+
+    Shuffling draws the epoch's permutation as :class:`~torch.utils.data.RandomSampler` does (one
+    int64 from torch's global RNG seeds a generator for ``randperm``, when iteration starts), so
+    with the same RNG state every rank - and one process with ``world=1`` - sees the same global
+    batches. Unlike :class:`~torch.utils.data.distributed.DistributedSampler` it never repeats a
+    sample to even out the ranks, so a distributed epoch is one process's epoch exactly.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool = False, rank: int = 0,
+                 world: int = 1) -> None:
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} ranks; expected 0 <= rank < world")
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield torch.tensor_split(batch, self.world)[self.rank].tolist()
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
-                num_workers: int = 0) -> DataLoader:
+                num_workers: int = 0, *, shard: tuple[int, int] | None = None,
+                pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ``dataset``; batched indexing for :class:`TensorTaskDataset`.
 
     Shuffling draws from torch's global RNG when the iterator is created, so reseeding that RNG
     at the start of every epoch (as the trainer does) fixes the order and makes resume exact.
+    ``shard=(rank, world)``: ``batch_size`` is the global batch, of which this loader yields rank
+    ``rank``'s slice (:class:`ShardedBatchSampler`; for ``torchrun``). ``num_workers`` load batches
+    in worker processes (the order still comes from the main process's RNG); ``pin_memory`` pins
+    them for fast copies to a GPU.
     """
+    if shard is not None:
+        rank, world = shard
+        sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle, drop_last, rank, world)
+        if isinstance(dataset, TensorTaskDataset):
+            return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+                              pin_memory=pin_memory)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
     if isinstance(dataset, TensorTaskDataset):
         base = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         sampler = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers)
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers)
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+def loader_shard(loader: DataLoader) -> tuple[int, int]:
+    """``(rank, world)`` of a loader :func:`make_loader` sharded, else ``(0, 1)``."""
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    if isinstance(sampler, ShardedBatchSampler):
+        return sampler.rank, sampler.world
+    return 0, 1
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[Tensor]:

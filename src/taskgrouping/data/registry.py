@@ -14,7 +14,8 @@ from taskgrouping.registry import import_modules
 
 Loader = Callable[..., TaskData]
 DATASETS: dict[str, Loader] = {}
-_MODULES = ("builtin", "multimnist_dense", "npz", "celeba", "taskonomy", "nyuv2")
+_MODULES = ("builtin", "multimnist_dense", "npz", "table", "celeba", "taskonomy", "nyuv2", "pascal_context",
+            "cityscapes")
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:

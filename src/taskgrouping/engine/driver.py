@@ -7,6 +7,12 @@ The output directory. :meth:`Driver.check_out_dir` does every check (a file, not
 empty, locked by another run, ``--resume`` with another config or other data) before anything is
 written; :meth:`Driver.open` then creates it and takes ``DIR/.lock`` (``flock``) for the rest of the
 command. :func:`discard_on_error` removes what a failed command created when nothing was trained.
+
+Under ``torchrun`` (:mod:`taskgrouping.engine.distributed`) every rank runs the same command: every
+rank makes the checks (rank 0 alone takes the lock), then rank 0 alone writes into the output
+directory, while the other ranks write what the command writes into a private temporary directory
+(:attr:`Driver.out`) that :meth:`Driver.close` removes. A resumed run gives them rank 0's finished
+methods (``partial/``, ``models/``); checkpoints reach them from rank 0 through the trainer.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -29,6 +36,8 @@ from taskgrouping.config import ConfigError, check_config_against_data, dump
 from taskgrouping.data.base import TaskData
 from taskgrouping.data.checks import validate_data
 from taskgrouping.data.registry import load_dataset
+from taskgrouping.engine.distributed import check_batches, check_config as check_distributed, env_rank
+from taskgrouping.engine.distributed import env_world_size, setup
 from taskgrouping.engine.trainer import TrainConfig, TrainingDiverged
 from taskgrouping.engine.lock import DirectoryLock, LockHeld
 from taskgrouping.io import (append_text, atomic_write_json, atomic_write_text, file_sha256,
@@ -72,13 +81,18 @@ def git_revision() -> str:
 
 
 def prepare_data(config: Mapping[str, Any]) -> TaskData:
-    """Load the configured dataset and check its content, and K, the model and the balancer against it."""
+    """Load the configured dataset and check its content, and K, the model and the balancer against it
+    (and, under ``torchrun``, that every batch gives every rank a sample)."""
     options = {k: v for k, v in config["data"].items() if k != "name"}
     if "seed" not in options and config["data"]["name"] in SEEDED_DATA:
         options["seed"] = config["seed"]
     data = load_dataset(config["data"]["name"], **options)
     validate_data(data)  # finite inputs, labels of every task in every split, sizes
     check_config_against_data(dict(config), data)  # K, the model and the balancer on this data
+    try:
+        check_batches(data, TrainConfig(**config["train"]).batch_size, env_world_size())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return data
 
 
@@ -201,7 +215,7 @@ def discard_on_error(out: Path | str | None) -> Iterator[None]:
     """On an error, remove what this command created in ``out`` if ``out`` did not exist or was empty
     before and nothing was trained (only the config, fingerprint and lock are there); parent folders
     it created go too. A diverged training keeps its directory (it can be resumed)."""
-    if out is None:
+    if out is None or env_rank() != 0:  # under torchrun, only rank 0 writes into ``out``
         yield
         return
     out = Path(out)
@@ -242,15 +256,24 @@ class Driver:
         resume: continue a directory written by the same config (only commands that can resume pass it).
 
     Use it as a context manager (or call :meth:`close`) to release the directory's lock.
+
+    Attributes:
+        run_dir: the output directory.
+        out: where this process writes: ``run_dir`` (rank 0 under ``torchrun``), or a private temporary
+            directory on the other ranks.
     """
 
     def __init__(self, config: Mapping[str, Any], out_dir: Path | str, resume: bool = False) -> None:
         self.config = dict(config)
-        self.out = Path(out_dir)
+        check_distributed(self.config)  # under torchrun: methods, balancer and settings that can run distributed
+        self.ranks = setup(str((self.config.get("train") or {}).get("device", "auto")))
+        self.run_dir = Path(out_dir)
+        self.out = self.run_dir if self.ranks.is_main else Path(tempfile.mkdtemp(
+            prefix=f"taskgrouping-rank{self.ranks.rank}-"))
         self.resume = resume
         self.train = TrainConfig(**self.config["train"])
         self.started = datetime.now(timezone.utc).isoformat()
-        self.lock = DirectoryLock(self.out / LOCK_NAME)
+        self.lock = DirectoryLock(self.run_dir / LOCK_NAME)
         self._fingerprint: dict[str, Any] | None = None
         self._was_empty = False  # check_out_dir found the directory absent or empty
         if self.config.get("threads"):
@@ -267,14 +290,14 @@ class Driver:
         try:
             self.lock.acquire(create=create)
         except LockHeld:
-            raise ConfigError(f"output directory {str(self.out)!r} is in use: another run holds its lock "
+            raise ConfigError(f"output directory {str(self.run_dir)!r} is in use: another run holds its lock "
                               f"({str(self.lock.path)!r}); wait for it to finish or choose another --out") from None
 
     def check_out_dir(self, can_resume: bool = False) -> None:
         """Every check of the output directory, before anything is written: a directory that is
         absent or empty (or, with ``--resume``, a run of the same config on the same data), writable,
         and not locked by another run. An existing lock file is taken here and kept."""
-        out = self.out
+        out = self.run_dir
         self._was_empty = True
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output directory {str(out)!r} is a file; expected a directory (absent or empty)")
@@ -283,7 +306,8 @@ class Driver:
             return
         if not os.access(out, os.W_OK | os.X_OK):
             raise ConfigError(f"output directory {str(out)!r} is not writable; choose another --out")
-        self._take_lock(create=False)
+        if self.ranks.is_main:
+            self._take_lock(create=False)
         if not _entries(out):
             return
         self._was_empty = False
@@ -308,6 +332,10 @@ class Driver:
     def open(self, write_config: bool = True) -> None:
         """Create the directory, take its lock, write ``config.yaml`` (unless ``write_config`` is false)
         and the data's fingerprint (kept as it is when resuming)."""
+        self.ranks.barrier()  # every rank passed every check before rank 0 writes anything
+        if not self.ranks.is_main:
+            self._mirror_finished()
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self._take_lock(create=True)
         if self._was_empty and _entries(self.out):  # another command filled it since the check
@@ -317,15 +345,37 @@ class Driver:
             atomic_write_text(self.out / "config.yaml", dump(self.config))
         if not (self.out / FINGERPRINT_NAME).is_file():
             atomic_write_json(self.out / FINGERPRINT_NAME, self.fingerprint, strict=True)
+        self._mirror_finished()
+
+    def _mirror_finished(self) -> None:
+        """Resuming under torchrun: rank 0's finished methods (``partial/``, ``models/``) reach the other
+        ranks' directories, so that every rank skips the same methods."""
+        if not (self.resume and self.ranks.active):
+            return
+        files: dict[str, bytes] = {}
+        if self.ranks.is_main:
+            for sub in ("partial", "models"):
+                folder = self.run_dir / sub
+                if folder.is_dir():
+                    files.update({f"{sub}/{f.name}": f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()})
+        files = self.ranks.broadcast_object(files)
+        if not self.ranks.is_main:
+            for name, data in files.items():
+                (self.out / name).parent.mkdir(parents=True, exist_ok=True)
+                (self.out / name).write_bytes(data)
 
     def close(self) -> None:
-        """Release the directory's lock."""
+        """Release the directory's lock (and remove a non-zero rank's temporary directory)."""
         self.lock.release()
+        if not self.ranks.is_main:
+            shutil.rmtree(self.out, ignore_errors=True)
 
     def __enter__(self) -> "Driver":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        if kind is None:  # under torchrun, no rank leaves before rank 0 has written everything
+            self.ranks.barrier()
         self.close()
 
     @staticmethod
@@ -382,4 +432,4 @@ class Driver:
     def provenance(self) -> dict[str, Any]:
         """Times, versions and git revision recorded with every result."""
         return {"started": self.started, "finished": datetime.now(timezone.utc).isoformat(), "versions": versions(),
-                "git_revision": git_revision(), "out_dir": str(self.out)}
+                "git_revision": git_revision(), "out_dir": str(self.run_dir), "ranks": self.ranks.world}

@@ -13,17 +13,19 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from taskgrouping.balancing.base import get_balancer
 from taskgrouping.data.base import TaskData, make_loader
 from taskgrouping.engine.evaluation import Predict, evaluate
 from taskgrouping.engine.hooks import Callback
-from taskgrouping.engine.trainer import TrainConfig, TrainResult, train
+from taskgrouping.engine.distributed import Ranks, check_batches
+from taskgrouping.engine.trainer import TrainConfig, TrainResult, resolve_device, train
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.models.branched import BranchedModel, build_branched_model
 from taskgrouping.tasks import Task
 
-__all__ = ["RunContext", "Fitted", "build_model", "fit"]
+__all__ = ["RunContext", "Fitted", "build_model", "fit", "loader_factory"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,22 @@ def build_model(run: RunContext, grouping: Grouping, model_options: Mapping[str,
                                 shared_blocks=int(run.model.get("shared_blocks", 0) or 0), serves=grouping.serves)
 
 
+def loader_factory(data: TaskData, config: TrainConfig) -> Callable[..., DataLoader]:
+    """``split, shuffle -> DataLoader`` for the training loop: ``train.batch_size`` is the global batch,
+    sharded over the ranks under ``torchrun`` (evaluation reduces over them too), with
+    ``train.loader_workers`` worker processes and pinned memory when training on CUDA."""
+    ranks = Ranks.current()
+    pin = resolve_device(config.device).type == "cuda"
+    if ranks.active:
+        check_batches(data, config.batch_size, ranks.world)
+
+    def loader(split: str, shuffle: bool) -> DataLoader:
+        return make_loader(getattr(data, split), config.batch_size, shuffle=shuffle,
+                           num_workers=config.loader_workers, pin_memory=pin,
+                           shard=(ranks.rank, ranks.world) if ranks.active else None)
+    return loader
+
+
 def fit(run: RunContext, model: nn.Module, *, tag: str, tasks: Sequence[Task] | None = None,
         config: TrainConfig | None = None, checkpoint_dir: Path | str | None = None, resume: bool = False,
         log: Callable[[dict[str, Any]], None] | None = None, score_test: bool = True,
@@ -102,9 +120,9 @@ def fit(run: RunContext, model: nn.Module, *, tag: str, tasks: Sequence[Task] | 
     """
     tasks = list(run.data.tasks if tasks is None else tasks)
     config = config or run.train
-    bs = config.batch_size
-    train_loader = make_loader(run.data.train, bs, shuffle=True)
-    val_loader = make_loader(run.data.val, bs, shuffle=False)
+    loader = loader_factory(run.data, config)
+    train_loader = loader("train", shuffle=True)
+    val_loader = loader("val", shuffle=False)
     if "balancer" not in train_kw:
         train_kw["balancer"] = get_balancer(run.balancer.get("name", "ew"), tasks=[t.name for t in tasks],
                                             **(run.balancer.get("options") or {}))
@@ -125,6 +143,6 @@ def fit(run: RunContext, model: nn.Module, *, tag: str, tasks: Sequence[Task] | 
     val = next(h["val"] for h in result.history if h["epoch"] == result.best_epoch)
     test = None
     if score_test:
-        test_loader = make_loader(run.data.test, bs, shuffle=False)
+        test_loader = loader("test", shuffle=False)
         test = evaluate(result.model, test_loader, tasks, predict, next(result.model.parameters()).device)
     return Fitted(result, val, test)

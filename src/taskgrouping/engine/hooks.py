@@ -133,21 +133,55 @@ class CallbackBase:
         return None
 
 
+def labelled_tasks(tasks: Iterable[Task], targets: dict[str, Tensor]) -> set[str]:
+    """Names of the ``tasks`` with at least one valid label in ``targets`` (one device sync)."""
+    tasks = [t for t in tasks if t.name in targets]
+    if not tasks:
+        return set()
+    flags = []
+    for t in tasks:
+        y = targets[t.name]
+        if t.is_classification:
+            flags.append((y >= 0).any())
+        elif t.kind == "normal" and t.loss_type == "cosine":
+            flags.append((~torch.isnan(y).any(dim=1)).any())
+        else:
+            flags.append((~torch.isnan(y)).any())
+    return {t.name for t, ok in zip(tasks, torch.stack(flags).tolist()) if ok}
+
+
 class TaskLossObjective(ObjectiveBase):
     """Each task's loss from every head that trains it (a branched model's ``groups``), or from the
-    plain ``{task: prediction}`` dict returned by any other model."""
+    plain ``{task: prediction}`` dict returned by any other model.
+
+    A task without any label in the batch (a long table's batch holds rows of a few tasks) gets a
+    constant zero loss, as its NaN-masked loss would be, without running its heads: a model with
+    ``all_head_keys()`` and ``forward_heads(x, keys)`` (the
+    :class:`~taskgrouping.models.branched.BranchedModel`) runs only the labelled tasks' heads and the
+    branches serving them. Every task keeps its entry, so balancers that track tasks see all of them
+    every step (a zero loss has a zero gradient).
+    """
 
     def __init__(self, tasks: Iterable[Task]) -> None:
         self.tasks = {t.name: t for t in tasks}
 
     def __call__(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor]) -> StepOutput:
+        present = labelled_tasks(self.tasks.values(), targets)
+        absent = {t for t in self.tasks if t in targets and t not in present} if present else set()
+        zero = torch.zeros((), device=x.device)
         forward_heads = getattr(model, "forward_heads", None)
         if forward_heads is not None:
-            preds, feats = forward_heads(x)
+            all_keys = getattr(model, "all_head_keys", None)
+            if all_keys is not None and absent:
+                preds, feats = forward_heads(x, [(k, t) for k, t in all_keys() if t not in absent])
+            else:
+                preds, feats = forward_heads(x)
             losses: dict[str, Tensor] = {}
             for (k, t), p in preds.items():
-                loss = self.tasks[t].loss(p, targets[t])
-                losses[t] = losses[t] + loss if t in losses else loss
-            return StepOutput(losses, feats)
+                if t not in absent:
+                    loss = self.tasks[t].loss(p, targets[t])
+                    losses[t] = losses[t] + loss if t in losses else loss
+            trained = set(losses) | absent
+            return StepOutput({t: losses.get(t, zero) for t in self.tasks if t in trained}, feats)
         preds = model(x)
-        return StepOutput({t: self.tasks[t].loss(preds[t], targets[t]) for t in self.tasks})
+        return StepOutput({t: zero if t in absent else self.tasks[t].loss(preds[t], targets[t]) for t in self.tasks})

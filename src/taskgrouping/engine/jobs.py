@@ -23,6 +23,7 @@ exactly network ``k``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -169,6 +170,8 @@ def check_backend(backend: str, workers: int | None) -> None:
     """Raise a clear error for an unknown backend or a bad worker count."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:  # refused with the options, before any training
+        raise ValueError("'ray' needs the Ray package, which is not installed: pip install 'taskgrouping[ray]'")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer (or null for one per CPU), got {workers!r}")
 

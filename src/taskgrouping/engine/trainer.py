@@ -6,6 +6,14 @@ optimiser. After every epoch the model is scored on the validation split, the ep
 and a checkpoint (safetensors + JSON) is written so that a killed run resumes to the same numbers:
 torch's global RNG is reseeded from ``(seed, epoch)`` at the start of every epoch, so data order,
 dropout and Gumbel noise depend only on the epoch, not on the process history.
+
+Under ``torchrun`` (:mod:`taskgrouping.engine.distributed`) every rank runs this loop on its slice of
+the same global batches, in lockstep: rank 0's weights to start with, rank 0's RNG state at every
+step, the losses turned into each rank's share with global values, the ranks' gradients added up
+before the optimiser step, validation reduced over the ranks; rank 0 alone writes checkpoints (and
+reads the one it resumes from, for every rank). The GPU path: bf16 autocast (``amp``),
+``torch.compile`` of the trunks (``compile``), channels-last (``channels_last``), loader workers and
+pinned memory (``loader_workers``; :func:`~taskgrouping.engine.fit.loader_factory`).
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from torch.utils.data import DataLoader
 
 from taskgrouping.balancing.base import Balancer
 from taskgrouping.engine.checkpoint import Checkpoint, CheckpointError, error_line
+from taskgrouping.engine.distributed import Ranks, task_shares
 from taskgrouping.engine.evaluation import Predict, evaluate, total_loss
 from taskgrouping.engine.hooks import Callback, Objective, TaskLossObjective
+from taskgrouping.metrics import PRIMARY_METRICS, improves, selection_score
 from taskgrouping.tasks import Task
 
 
@@ -50,8 +60,12 @@ class TrainConfig:
     plateau_patience: int = 3
     early_stopping: int = 0  # patience in epochs on validation loss; 0 = off
     select: str = "best_val"  # best_val (restore the best validation epoch) | last
+    select_metric: str = "loss"  # what "best" means: total val loss, or mean val error | auroc | average_precision
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the trunks (stem and branches; heads stay eager)
+    channels_last: bool = False  # channels-last memory format for the network and 4-d inputs (CNNs on GPU)
+    loader_workers: int = 0  # DataLoader worker processes (pinned memory on CUDA)
     progress: bool = True
     tensorboard: bool = False
     grad_clip: float = 0.0
@@ -72,7 +86,8 @@ class TrainConfig:
             "gamma": dict(positive, **({"high": 1, "high_open": True} if self.schedule == "plateau" else {})),
             "plateau_patience": non_negative, "early_stopping": non_negative,
             "select": {"choices": ("best_val", "last")}, "device": {"choices": ("auto", "cpu", "cuda")},
-            "grad_clip": non_negative,
+            "select_metric": {"choices": PRIMARY_METRICS},
+            "grad_clip": non_negative, "loader_workers": non_negative,
         }
         for f in dataclasses.fields(self):
             check_value(f"train.{f.name}", getattr(self, f.name), hints[f.name], **rules.get(f.name, {}))
@@ -160,8 +175,17 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
     callbacks = list(callbacks)
     balancer = balancer or Balancer()
     device = resolve_device(config.device)
+    ranks = Ranks.current()
+    if ranks.active:
+        _check_sharded(train_loader, ranks)
+    balancer.ranks = ranks
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     groups = objective.param_groups(model)
+    # what the ranks add up after every step: the network's gradients and those of the objective's parameters
+    # (a balancer's own parameters get the same gradient on every rank, from global values)
+    synced = _unique([p for g in groups for p in g["params"]] + list(model.parameters()))
     extra = balancer.extra_parameters()
     if extra:
         groups.append({"params": extra})
@@ -169,20 +193,24 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
     scheduler = make_scheduler(config, optimizer)
     shared_parameters = getattr(model, "shared_parameters", None)  # plain modules have none
     shared = shared_parameters() if shared_parameters is not None else []
-    ckpt = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt = Checkpoint(checkpoint_dir) if checkpoint_dir is not None and ranks.is_main else None  # rank 0 writes
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.amp
                 else contextlib.nullcontext())
 
     run = _Progress([], {"val_loss": math.inf, "epoch": -1, "bad_epochs": 0},
                     {k: v.detach().clone() for k, v in model.state_dict().items()})
-    if ckpt is not None and resume and ckpt.exists:
-        run = _restore(ckpt, model, optimizer, scheduler, objective, balancer, callbacks, seed, config)
+    found = _load_checkpoint(ckpt, ranks) if resume and checkpoint_dir is not None else None
+    if found is not None:
+        run = _restore(found, model, optimizer, scheduler, objective, balancer, callbacks, seed, config)
+    ranks.broadcast_module(model)  # rank 0's weights everywhere (as DistributedDataParallel starts)
+    if config.compile:
+        compile_trunks(model)
 
     for cb in callbacks:
         cb.on_train_start(model, optimizer)
-    writer = _tensorboard_writer(config, checkpoint_dir)
-    bar = _progress(range(run.start_epoch, config.epochs), desc, config.progress, initial=run.start_epoch,
-                    total=config.epochs)
+    writer = _tensorboard_writer(config, checkpoint_dir) if ranks.is_main else None
+    bar = _progress(range(run.start_epoch, config.epochs), desc, config.progress and ranks.is_main,
+                    initial=run.start_epoch, total=config.epochs)
     step = sum(h.get("steps", 0) for h in run.history)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -190,8 +218,10 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         objective.on_epoch_start(epoch, model)
         model.train()
         train_losses, n_batches = _train_epoch(model, train_loader, objective, balancer, optimizer, callbacks,
-                                               shared, config, device, autocast, epoch, step)
+                                               shared, config, device, autocast, epoch, step,
+                                               _Sync(ranks, tasks, synced))
         step += n_batches
+        ranks.broadcast_module(model, buffers_only=True)  # e.g. BatchNorm statistics: rank 0's everywhere
         balancer.on_epoch_end(epoch, train_losses)
         record: dict[str, Any] = {"epoch": epoch, "steps": n_batches, "lr": optimizer.param_groups[0]["lr"],
                                   "train_loss": train_losses}
@@ -204,8 +234,10 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         record["val_total_loss"] = val_loss
         if scheduler is not None:
             scheduler.step(val_loss) if config.schedule == "plateau" else scheduler.step()
-        if val_loss < run.best["val_loss"] or config.select == "last":
-            run.best.update(val_loss=val_loss, epoch=epoch, bad_epochs=0)
+        score = val_loss if config.select_metric == "loss" else selection_score(val, config.select_metric)
+        best = run.best.get("score", run.best["val_loss"])  # checkpoints before select_metric keep val_loss only
+        if improves(score, best) or run.best["epoch"] < 0 or config.select == "last":
+            run.best.update(val_loss=val_loss, score=score, epoch=epoch, bad_epochs=0)
             run.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             run.best["bad_epochs"] += 1
@@ -237,17 +269,25 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
 def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, balancer: Balancer,
                  optimizer: torch.optim.Optimizer, callbacks: Sequence[Callback], shared: list[Tensor],
                  config: TrainConfig, device: torch.device, autocast: Any, epoch: int,
-                 step: int) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns (mean train loss per task, number of batches)."""
+                 step: int, sync: "_Sync | None" = None) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns (mean train loss per task, number of batches). Under
+    ``torchrun`` (``sync``) the losses become this rank's shares with global values and the ranks'
+    gradients are added up before the optimiser step (:mod:`taskgrouping.engine.distributed`)."""
     sums: dict[str, float] = {}
     n_batches = 0
+    ranks = sync.ranks if sync is not None else Ranks()
     for x, targets in loader:
         x = x.to(device, non_blocking=True)
+        if config.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
         for cb in callbacks:
             cb.on_batch_start(step, model, (x, targets))
+        ranks.sync_rng(device)
         with autocast:
             out = objective(model, x, targets)
+        if ranks.active:
+            out.losses = task_shares(ranks, sync.tasks, out.losses, targets)
         for name, loss in out.losses.items():
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss of task {name!r} became {float(loss.detach())} at epoch {epoch}, "
@@ -255,9 +295,11 @@ def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, bal
         for cb in callbacks:
             cb.on_step(step, out, model, (x, targets))
         optimizer.zero_grad(set_to_none=True)
-        if out.extra_loss is not None:
-            out.extra_loss.backward(retain_graph=True)
+        if out.extra_loss is not None:  # a regulariser of the parameters: each rank adds 1/P of it
+            (out.extra_loss / ranks.world if ranks.active else out.extra_loss).backward(retain_graph=True)
         balancer.backward(out.losses, shared, list(out.features.values()) or None)
+        if ranks.active:
+            ranks.sum_grads(sync.params)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -269,23 +311,76 @@ def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, bal
     return {k: v / max(n_batches, 1) for k, v in sums.items()}, n_batches
 
 
+@dataclass
+class _Sync:
+    """What the ranks of a distributed training share every step: the trained tasks and the
+    parameters whose gradients they add up."""
+
+    ranks: Ranks
+    tasks: list[Task]
+    params: list[Tensor]
+
+
+def _unique(params: Iterable[Tensor]) -> list[Tensor]:
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
+
+
+def _check_sharded(loader: DataLoader, ranks: Ranks) -> None:
+    """Under torchrun the training loader must give each rank its slice of the global batches."""
+    from taskgrouping.data.base import loader_shard
+
+    if loader_shard(loader) != (ranks.rank, ranks.world):
+        raise ValueError(f"torch.distributed runs {ranks.world} ranks, but the training loader is not sharded for "
+                         f"them; build it with make_loader(..., shard=(rank, world)) as engine.fit does")
+
+
+def compile_trunks(model: nn.Module) -> None:
+    """``torch.compile`` (in place: the state dict keeps its keys) every branched network's stem and
+    branches, where the cost of a step lies; heads stay eager (one small graph each would cost more
+    to compile than it saves). A model without branches is compiled whole."""
+    from taskgrouping.models.branched import BranchedModel
+
+    trunks = [m for b in model.modules() if isinstance(b, BranchedModel) for m in (b.stem, *b.branches)]
+    for module in trunks or [model]:
+        module.compile()
+
+
 # settings a checkpoint must share with the run that continues it (the epoch count may grow)
 _RESUME_KEYS = ("batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule", "step_size", "gamma",
-                "plateau_patience", "select", "grad_clip")
+                "plateau_patience", "select", "select_metric", "grad_clip")
 
 
-def _restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def _load_checkpoint(ckpt: Checkpoint | None, ranks: Ranks) -> tuple[Any, str] | None:
+    """Rank 0 reads its checkpoint (``None``: there is none) and every rank gets it, with the folder
+    it came from; a damaged one is the same :class:`CheckpointError` on every rank."""
+    found = error = None
+    if ckpt is not None and ckpt.exists:
+        try:
+            found = (ckpt.load(), str(ckpt.dir))
+        except CheckpointError as exc:
+            if not ranks.active:
+                raise
+            error = str(exc)
+    found, error = ranks.broadcast_object((found, error))
+    if error is not None:
+        raise CheckpointError(error)
+    return found
+
+
+def _restore(found: tuple[Any, str], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              objective: Objective, balancer: Balancer, callbacks: Sequence[Callback], seed: int,
              config: TrainConfig) -> _Progress:
-    """Load the checkpoint into the model, optimiser, scheduler, objective, balancer and callbacks."""
-    weights, best_weights, opt_state, state = ckpt.load()
+    """Load a checkpoint (:func:`_load_checkpoint`) into the model, optimiser, scheduler, objective,
+    balancer and callbacks."""
+    (weights, best_weights, opt_state, state), directory = found
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
     mine = asdict(config)
     differ = [f"seed {state.get('seed')!r} (now {seed!r})"] if state.get("seed", seed) != seed else []
     differ += [f"train.{k}={saved[k]!r} (now {mine[k]!r})" for k in _RESUME_KEYS if k in saved and saved[k] != mine[k]]
     if differ:
-        raise CheckpointError(f"checkpoint in {ckpt.dir} was written with {', '.join(differ)}; resume with the "
-                              f"same settings or delete {ckpt.dir} to train this network again from its first epoch")
+        raise CheckpointError(f"checkpoint in {directory} was written with {', '.join(differ)}; resume with the "
+                              f"same settings or delete {directory} to train this network again from its first epoch")
     try:
         model.load_state_dict(weights)
         optimizer.load_state_dict(opt_state)
@@ -301,8 +396,8 @@ def _restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimize
         return _Progress(list(state["history"]), dict(state["best"]), best_weights, int(state["epoch"]) + 1,
                          float(state.get("elapsed", 0.0)))
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint in {ckpt.dir} does not fit this model/optimiser ({error_line(exc)}); "
-                              f"delete {ckpt.dir} to train this network again from its first epoch") from None
+        raise CheckpointError(f"checkpoint in {directory} does not fit this model/optimiser ({error_line(exc)}); "
+                              f"delete {directory} to train this network again from its first epoch") from None
 
 
 def _progress(it: Iterable, desc: str, enabled: bool, **kw: Any) -> Iterable:

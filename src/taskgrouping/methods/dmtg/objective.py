@@ -23,6 +23,7 @@ from torch import Tensor
 
 from taskgrouping.balancing.task_gradients import task_gradients
 from taskgrouping.engine.hooks import ObjectiveBase, StepOutput
+from taskgrouping.methods.dmtg.attribution import AttributionAffinity, balance_loss, pull_loss
 from taskgrouping.methods.dmtg.model import DMTGModel
 from taskgrouping.methods.dmtg.options import DMTGOptions
 from taskgrouping.tasks import Task
@@ -44,14 +45,19 @@ class DMTGObjective(ObjectiveBase):
         self.warming_up = int(opts.s_warmup_epochs) > 0
         self.mates: Tensor | None = None  # K x N x N running cosines of the tasks' gradients on each branch
         self.calls = self.measured = 0
+        self.attribution = (AttributionAffinity(len(tasks), float(opts.attribution_decay), int(opts.attribution_samples))
+                            if float(opts.attribution_weight) else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mates": None if self.mates is None else self.mates.tolist(), "calls": self.calls,
-                "measured": self.measured}
+                "measured": self.measured,
+                "attribution": None if self.attribution is None else self.attribution.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mates = None if state.get("mates") is None else torch.tensor(state["mates"])
         self.calls, self.measured = int(state.get("calls", 0)), int(state.get("measured", 0))
+        if self.attribution is not None and state.get("attribution") is not None:
+            self.attribution.load_state_dict(state["attribution"])
 
     def measure_mates(self, model: DMTGModel, feats: dict[int, Tensor], targets: dict[str, Tensor]) -> None:
         """Update the running cosine between every two tasks' gradients w.r.t. each branch's parameters
@@ -130,6 +136,17 @@ class DMTGObjective(ObjectiveBase):
             pull = None if self.warming_up else self.mates_loss(model)
             if pull is not None:
                 extra = pull if extra is None else extra + pull
+        if self.attribution is not None and torch.is_grad_enabled():
+            if self.calls % int(self.opts.attribution_every) == 0:
+                self.attribution.measure(model, x, targets, [self.tasks[t] for t in names])
+            if not float(self.opts.mates_weight):
+                self.calls += 1
+            if not self.warming_up:
+                pull = pull_loss(model.probabilities(), self.attribution.matrix(), float(self.opts.attribution_weight))
+                extra = pull if extra is None else extra + pull
+        if float(self.opts.balance_weight) and not self.warming_up and torch.is_grad_enabled():
+            bal = balance_loss(model.probabilities(), float(self.opts.balance_weight))
+            extra = bal if extra is None else extra + bal
         return StepOutput({t: per_task[i] for i, t in enumerate(names)}, feats, extra)
 
     @torch.no_grad()
@@ -144,5 +161,8 @@ class DMTGObjective(ObjectiveBase):
             keep[torch.tensor(model.assignment()), torch.arange(len(model.task_names))] = True
             settled = ((model.low_epochs >= int(self.opts.prune_patience)) | keep | ~model.live).all(dim=0)
             model.live &= keep | ~settled
-        return {"tau": self.tau, "assignment_probs": model.probabilities().tolist(),
+        facts: dict[str, Any] = {}
+        if self.attribution is not None:
+            facts["attribution_affinity"] = self.attribution.matrix().tolist()
+        return {**facts, "tau": self.tau, "assignment_probs": model.probabilities().tolist(),
                 "live_heads": int(model.live.sum()), "grouping": model.grouping().as_lists()}

@@ -1,0 +1,154 @@
+"""Which tasks read the same inputs: an affinity of the tasks' input attributions, measured on the
+DMTG model while it trains, and the pull it gives S.
+
+Task i's attribution on sample s is g_i(s) = dL_i(s)/dx_s, the gradient of its loss (through the head
+that serves it now) w.r.t. the input. Tasks that depend on the same input directions (the same image
+region, the same subspace of a feature vector) have attributions in the same subspace, whichever
+branch serves them and whether or not their labels correlate; cf. Song et al. (NeurIPS 2019), who
+compare attribution maps to predict transferability between tasks. The affinity is the cosine of
+the tasks' attribution second moments M_i = E[g_i g_i^T]:
+
+    a_ij = <M_i, M_j>_F / (|M_i|_F |M_j|_F),   <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2
+
+(G_i: the n x d attributions of a batch; sign-free, so a task's residual sign does not matter), with
+running means of the inner products over measurements. Unlike S's own-loss gradient, it does not
+favour the branch that has adapted to a task, so a misplaced task can leave its branch.
+
+The pull on S is a soft clustering objective: with C = a centred per row over the other tasks and
+scaled to mean |C_ij| = 1 (so that the weight means the same on every dataset),
+A_ik = sum_j C_ij p_jk / (N - 1) rewards task i for sharing a branch with tasks it is closer to than
+average and penalises the rest; the loss -weight * sum_ik p_ik A_ik (A held fixed) moves S_i towards
+the branches with the highest A_ik. Empty branches give A = 0, so a task surrounded by unlike tasks
+can split off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from taskgrouping.balancing.task_gradients import task_gradients
+from taskgrouping.tasks import Task
+
+__all__ = ["AttributionAffinity", "branch_views", "pull_loss"]
+
+
+class AttributionAffinity:
+    """Running second-moment inner products of the tasks' input attributions, per view of the model
+    (V x N x N; a DMTG model has one view per branch, any other model one).
+
+    Args:
+        n_tasks: N.
+        decay: running-mean decay per measurement (a plain mean for the first 1 / (1 - decay)).
+        samples: the rows of a batch measured (the first ``samples``).
+    """
+
+    def __init__(self, n_tasks: int, decay: float = 0.9, samples: int = 32) -> None:
+        self.n_tasks = n_tasks
+        self.inner: Tensor | None = None
+        self.decay = float(decay)
+        self.samples = int(samples)
+        self.measured = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": None if self.inner is None else self.inner.tolist(), "measured": self.measured}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner = None if state["inner"] is None else torch.tensor(state["inner"], dtype=torch.float64)
+        self.measured = int(state["measured"])
+
+    def measure(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor], tasks: list[Task]) -> None:
+        """One measurement on the first ``samples`` rows of a batch, with ``model`` in eval mode (no
+        batch-norm statistics or dropout draws change: training is unaffected) and its parameters'
+        ``.grad`` untouched.
+
+        On a DMTG model every branch is read by all its live heads (probes included): two tasks are
+        compared through the same features, so the affinity does not merely echo which tasks share
+        a branch now (a misplaced task's attribution through its own branch mimics that branch's
+        features)."""
+        n = min(self.samples, x.shape[0])
+        xs = x[:n].detach().requires_grad_(True)
+        index = {t.name: i for i, t in enumerate(tasks)}
+        views = branch_views(model, [t.name for t in tasks])
+        if self.inner is None:
+            self.inner = torch.zeros(len(views), self.n_tasks, self.n_tasks, dtype=torch.float64)
+        inner = torch.zeros_like(self.inner)
+        was_training = model.training
+        model.eval()
+        try:
+            for v, keys in enumerate(views):
+                if keys == []:
+                    continue
+                with torch.enable_grad():
+                    if keys is None:
+                        named = model(xs)
+                    else:
+                        preds, _ = model.forward_heads(xs, keys)
+                        named = {t: pred for (_, t), pred in preds.items()}
+                    losses = {t: tasks[index[t]].loss(pred, targets[t][:n]) for t, pred in named.items()}
+                    G = task_gradients(losses, [xs], retain_graph=False)
+                G = G.reshape(len(losses), n, -1).double()
+                # <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2 for every pair, from the n x n cross-Gram blocks
+                block = torch.einsum("isd,jtd->ijst", G, G).square().sum(dim=(2, 3)).cpu() / n ** 2
+                sel = torch.tensor([index[t] for t in losses])
+                inner[v][sel[:, None], sel[None, :]] = block
+        finally:
+            model.train(was_training)
+        self.measured += 1
+        keep = min(self.decay, 1 - 1 / self.measured)
+        self.inner = keep * self.inner + (1 - keep) * inner
+
+    def cosines(self) -> Tensor:
+        """a_ij: the cosines of the attribution second moments, averaged over the views where both
+        tasks were measured (ones on the diagonal; 0 where they never were)."""
+        n = self.n_tasks
+        if self.inner is None:
+            return torch.eye(n, dtype=torch.float64)
+        d = self.inner.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # V x N
+        scale = d[:, :, None] * d[:, None, :]
+        seen = scale > 0
+        per_view = torch.where(seen, self.inner / scale.clamp_min(1e-300), torch.zeros_like(self.inner))
+        a = per_view.sum(0) / seen.sum(0).clamp_min(1)
+        return a.fill_diagonal_(1.0)
+
+    def matrix(self) -> Tensor:
+        """The affinity the pull uses: cosines between the rows of a (N x N). Two tasks are close when
+        they are close to the same tasks, so a group whose members read different parts of a shared
+        input (s1^2 and s2^2 beside s1 s2) holds together through the members they share."""
+        rows = torch.nn.functional.normalize(self.cosines(), dim=1)
+        return (rows @ rows.T).float()
+
+
+def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str]] | None]:
+    """The head keys to read per branch of a DMTG model (its live heads; ``[]`` for a branch without
+    any); ``[None]`` (``model(x)``: each task through the head that serves it) for any other model."""
+    live = getattr(model, "live", None)
+    if live is None or not hasattr(model, "forward_heads"):
+        return [None]
+    return [[(k, t) for i, t in enumerate(names) if live[k, i]] for k in range(live.shape[0])]
+
+
+def pull_loss(p: Tensor, affinity: Tensor, weight: float) -> Tensor:
+    """-weight * sum_ik p_ik A_ik with A_ik = sum_{j != i} C_ij p_jk / (N - 1), C the affinity centred
+    per row over the other tasks and scaled to mean |C_ij| = 1 (A and p_jk held fixed): its gradient moves S_i towards the branches
+    whose tasks are closer to task i than its average task."""
+    n = p.shape[0]
+    if n < 2:
+        return p.sum() * 0.0
+    off = ~torch.eye(n, dtype=torch.bool, device=p.device)
+    a = affinity.to(p.device, p.dtype)
+    centred = torch.where(off, a - (a * off).sum(1, keepdim=True) / (n - 1), torch.zeros_like(a))
+    centred = centred / centred.abs().sum().div(n * (n - 1)).clamp_min(1e-12)  # mean |C_ij| = 1: unit-free
+    member = p.detach()
+    pull = centred @ member / (n - 1)
+    return -float(weight) * (p * pull).sum()
+
+
+def balance_loss(p: Tensor, weight: float) -> Tensor:
+    """-weight * H(q), q_k = mean_i p_ik the share of tasks on branch k: it draws tasks towards empty
+    or sparse branches, so that two groups do not stay merged in one branch while another branch
+    idles (single tasks cannot leave a merged branch on the pull alone: each would lose its mates)."""
+    q = p.mean(dim=0)
+    return float(weight) * (q * torch.log(q.clamp_min(1e-12))).sum()
