@@ -40,6 +40,7 @@ OUT = Path(__file__).resolve().parent / "results"
 PRESETS = ("planted_independent", "multimnist_independent", "multimnist_dense", "multimnist", "planted")
 BASELINES = ("naive_mtl", "single_task", "oracle", "label_clusters")
 STARTS = ("default", "wrong", "random")
+START_NAMES = {"default": "recipe's own start", "wrong": "wrong start", "random": "random start"}
 
 
 def _canon(groups) -> list[list[str]]:
@@ -55,7 +56,8 @@ def _wrong_prior(data, K: int) -> list[list[float]]:
     return prior
 
 
-def run_seed(preset: str, seed: int, dmtg_options: dict, baselines: dict | None = None) -> dict:
+def run_seed(preset: str, seed: int, dmtg_options: dict, baselines: dict | None = None,
+             starts: tuple[str, ...] = STARTS) -> dict:
     cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false"])
     data = prepare_data(cfg)
     methods = available_methods()
@@ -84,10 +86,18 @@ def run_seed(preset: str, seed: int, dmtg_options: dict, baselines: dict | None 
     else:
         for m in BASELINES:
             run(m, m, {})
-    run("dmtg_default", "dmtg", dict(dmtg_options))
-    run("dmtg_wrong", "dmtg", dict(dmtg_options, init="prior", prior=_wrong_prior(data, cfg["K"])))
-    run("dmtg_random", "dmtg", dict(dmtg_options, init="noisy"))
+    options = {"default": dict(dmtg_options),
+               "wrong": dict(dmtg_options, init="prior", prior=_wrong_prior(data, cfg["K"])),
+               "random": dict(dmtg_options, init="noisy")}
+    for start in starts:
+        run(f"dmtg_{start}", "dmtg", options[start])
     return out
+
+
+def _starts(results: dict) -> list[str]:
+    """The DMTG starts that were run (every seed of a file runs the same ones)."""
+    first = next(iter(next(iter(results.values())).values()))
+    return [s for s in STARTS if f"dmtg_{s}" in first]
 
 
 def summarise(results: dict) -> dict:
@@ -96,7 +106,7 @@ def summarise(results: dict) -> dict:
         oracle = {s: r["oracle"]["total_test_loss"] for s, r in seeds.items()}
         row = {"seeds": sorted(seeds, key=int),
                "label_clusters_recovered": sum(r["label_clusters"]["recovered"] for r in seeds.values())}
-        for start in STARTS:
+        for start in _starts(results):
             key = f"dmtg_{start}"
             ratios = [r[key]["total_test_loss"] / oracle[s] for s, r in seeds.items()]
             row[start] = {"recovered": sum(r[key]["recovered"] for r in seeds.values()),
@@ -107,20 +117,22 @@ def summarise(results: dict) -> dict:
 
 
 def markdown(results: dict, summary: dict, tag: str) -> str:
+    starts = _starts(results)
     lines = ["# Does DMTG learn the grouping?", "",
              "Written by `python benchmarks/bench_dmtg_learning.py`. Recovered = final grouping equals the known "
              "one; loss = total test loss; moved = tasks whose branch (argmax S) at the end differs from the start "
              "(what S's learning changed). DMTG options: " + tag, "",
-             "| preset | seeds | label_clusters recovered | DMTG from the recipe's own start: recovered / median "
-             "÷ oracle / moved | wrong start | random start |", "|---|---|---|---|---|---|"]
+             "| preset | seeds | label_clusters recovered | "
+             + " | ".join(f"DMTG from the {START_NAMES[s]}: recovered / median ÷ oracle / moved" for s in starts)
+             + " |", "|---" * (3 + len(starts)) + "|"]
     for preset, row in summary.items():
         n = len(row["seeds"])
         cells = [f"{row[s]['recovered']}/{n} / {row[s]['median_over_oracle']:.3f} / {row[s]['moved_tasks_mean']:.1f}"
-                 for s in STARTS]
+                 for s in starts]
         lines.append(f"| {preset} | {','.join(row['seeds'])} | {row['label_clusters_recovered']}/{n} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Per seed (total test loss; * = known grouping recovered):", ""]
-    cols = BASELINES + tuple(f"dmtg_{s}" for s in STARTS)
+    cols = BASELINES + tuple(f"dmtg_{s}" for s in starts)
     lines += ["| preset | seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for preset, seeds in results.items():
         for s in sorted(seeds, key=int):
@@ -167,6 +179,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result files (dmtg_learning_TAG.*)")
     ap.add_argument("--reuse-baselines", action="store_true",
                     help="take naive / STL / oracle / label_clusters from dmtg_learning.json instead of rerunning")
+    ap.add_argument("--starts", default=",".join(STARTS), help="DMTG starts to run (default, wrong, random)")
     ap.add_argument("--cost", action="store_true", help="only the step-time part (dmtg_learning_cost.*)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -190,7 +203,8 @@ def main() -> None:
     for preset in args.presets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             base = reference[preset][str(seed)] if args.reuse_baselines else None
-            results.setdefault(preset, {})[str(seed)] = run_seed(preset, seed, options, base)
+            results.setdefault(preset, {})[str(seed)] = run_seed(preset, seed, options, base,
+                                                                 tuple(args.starts.split(",")))
             print(preset, seed, {k: (round(v["total_test_loss"], 4), v["recovered"])
                                  for k, v in results[preset][str(seed)].items()}, flush=True)
             summary = summarise(results)

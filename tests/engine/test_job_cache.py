@@ -63,6 +63,9 @@ def test_the_key_covers_what_changes_the_outcome(run):
     assert len({job_key(r, job) for r in changed} | {base}) == 5
     assert job_key(run, replace(job, epochs=5)) != base
     assert job_key(run, replace(job, model_options={"widths": [4]})) != base
+    # a progress bar, TensorBoard or loader workers change nothing a job computes
+    quiet = replace(run.train, progress=not run.train.progress, tensorboard=True, loader_workers=2)
+    assert job_key(replace(run, train=quiet), job) == base
 
 
 def test_no_data_key_means_no_caching(run, tmp_path):

@@ -52,9 +52,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from taskgrouping.data.base import TaskData, split_indices
+from taskgrouping.data.base import TaskData
 from taskgrouping.data.image_io import (read_gray_uint8, read_gray_uint16, read_rgb, resize_bilinear,
                                         resize_nearest, to_chw_float)
+from taskgrouping.data.layout import dataset_root, held_out_validation, task_list
 from taskgrouping.data.registry import register_dataset
 from taskgrouping.tasks import Task
 
@@ -225,19 +226,8 @@ def cityscapes(root: str | None = None, tasks: Sequence[str] = DEFAULT_TASKS, im
         max_per_split: keep the first ``n`` frames of train (before the hold-out) and of val.
         semantic_classes: 19 (train ids) or 7 (categories).
     """
-    if not root:
-        raise ValueError("data.root is required for data.name=cityscapes (the folder with leftImg8bit/, gtFine/ "
-                         "and disparity/)")
-    root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"data.root {str(root_path)!r} is not a directory; expected the Cityscapes folder")
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError(f"data.tasks is empty; expected some of {list(CITYSCAPES_TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"data.tasks repeats a task: {tasks}")
+    root_path = dataset_root(root, "cityscapes", "the Cityscapes folder with leftImg8bit/, gtFine/ and disparity/")
+    tasks = task_list(tasks, CITYSCAPES_TASKS)
     if semantic_classes not in (19, 7) or isinstance(semantic_classes, bool):
         raise ValueError(f"data.semantic_classes must be 19 (train ids) or 7 (categories), got {semantic_classes!r}")
     task_objs = [cityscapes_task(t, semantic_classes) for t in tasks]
@@ -259,12 +249,7 @@ def cityscapes(root: str | None = None, tasks: Sequence[str] = DEFAULT_TASKS, im
         return CityscapesDataset(root_path, frames, tasks, size, semantic_classes)
 
     test = subset(test_frames)
-    if val_fraction > 0:
-        keep, held = split_indices(len(train_all), (1.0 - float(val_fraction), float(val_fraction)), seed)
-        train = subset([train_all[i] for i in sorted(keep.tolist())])
-        val = subset([train_all[i] for i in sorted(held.tolist())])
-    else:
-        train, val = subset(train_all), test
+    train, val = held_out_validation(train_all, test, float(val_fraction), seed, subset)
     info = {"root": str(root_path), "tasks": tasks, "image_size": list(size), "val_fraction": float(val_fraction),
             "seed": seed, "max_per_split": max_per_split, "semantic_classes": semantic_classes,
             "validation": "held-out part of the official train" if val_fraction > 0

@@ -72,9 +72,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from taskgrouping.data.base import TaskData, split_indices
+from taskgrouping.data.base import TaskData
 from taskgrouping.data.image_io import (read_gray_uint8, read_rgb, resize_bilinear, resize_nearest,
                                         to_chw_float)
+from taskgrouping.data.layout import dataset_root, held_out_validation, task_list
 from taskgrouping.data.registry import register_dataset
 from taskgrouping.tasks import Task
 
@@ -474,19 +475,9 @@ def pascal_context(root: str | None = None, tasks: Sequence[str] = PASCAL_TASKS,
         normals_mask: NaN normals outside the NYUv2-compatible classes (reads ``pascal-context/trainval``).
         normal_loss: ``l1`` (MTI-Net) or ``cosine``.
     """
-    if not root:
-        raise ValueError("data.root is required for data.name=pascal_context (the PASCAL-MT folder with "
-                         "ImageSets/, JPEGImages/, semseg/, human_parts/, ...)")
-    root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"data.root {str(root_path)!r} is not a directory; expected the PASCAL-MT folder")
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError(f"data.tasks is empty; expected some of {list(PASCAL_TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"data.tasks repeats a task: {tasks}")
+    root_path = dataset_root(root, "pascal_context",
+                             "the PASCAL-MT folder with ImageSets/, JPEGImages/, semseg/, human_parts/, ...")
+    tasks = task_list(tasks, PASCAL_TASKS)
     semseg_classes = _choice("semseg_classes", semseg_classes, list(SEMSEG_CLASSES))
     human_parts_missing = _choice("human_parts_missing", human_parts_missing, ["ignore", "background"])
     normal_loss = _choice("normal_loss", normal_loss, ["l1", "cosine"])
@@ -513,12 +504,7 @@ def pascal_context(root: str | None = None, tasks: Sequence[str] = PASCAL_TASKS,
                                     human_parts_missing, normals_mask)
 
     test = subset(test_ids)
-    if val_fraction > 0:
-        keep, held = split_indices(len(train_all), (1.0 - float(val_fraction), float(val_fraction)), seed)
-        train = subset([train_all[i] for i in sorted(keep.tolist())])
-        val = subset([train_all[i] for i in sorted(held.tolist())])
-    else:
-        train, val = subset(train_all), test
+    train, val = held_out_validation(train_all, test, float(val_fraction), seed, subset)
     info = {"root": str(root_path), "tasks": tasks, "image_size": image_size, "val_fraction": float(val_fraction),
             "seed": seed, "max_per_split": max_per_split, "semseg_classes": semseg_classes,
             "human_parts_missing": human_parts_missing, "normals_mask": normals_mask, "normal_loss": normal_loss,

@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 from taskgrouping.data.base import TaskData
 from taskgrouping.data.image_io import (read_gray_uint8, read_gray_uint16, read_rgb, resize_bilinear,
                                         resize_nearest, to_chw_float)
+from taskgrouping.data.layout import dataset_root, task_list
 from taskgrouping.data.registry import register_dataset
 from taskgrouping.tasks import Task
 
@@ -261,16 +262,8 @@ def taskonomy(root: str | None = None, tasks: Sequence[str] = DEFAULT_TASKS,
         mask_from_depth: mask ``normal`` / ``edge_occlusion`` where the depth is invalid (Standley).
         drop_incomplete: skip views lacking a file for some task instead of raising.
     """
-    if not root:
-        raise ValueError("data.root is required for data.name=taskonomy (the folder with rgb/, depth_zbuffer/, ...)")
-    root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"data.root {str(root_path)!r} is not a directory; expected the Taskonomy folder")
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError("data.tasks is empty; expected at least one Taskonomy task")
+    root_path = dataset_root(root, "taskonomy", "the Taskonomy folder with rgb/, depth_zbuffer/, ...")
+    tasks = task_list(tasks, supported_tasks())
     task_objs = [taskonomy_task(t) for t in tasks]
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ValueError(f"data.image_size must be a positive integer, got {image_size!r}")

@@ -29,14 +29,20 @@ __all__ = ["JobCache", "job_key"]
 _FIELDS = ("tag", "val", "test", "train_seconds", "best_epoch", "epochs_run", "history")
 
 
+#: training settings that do not change a network's outcome (the key ignores them)
+OUTCOME_FREE = ("progress", "tensorboard", "loader_workers")
+
+
 def job_key(run: RunContext, job: TrainingJob) -> str:
-    """The hex SHA-256 naming ``job``'s outcome under ``run`` (its tag and paths do not count)."""
+    """The hex SHA-256 naming ``job``'s outcome under ``run`` (its tag, paths and :data:`OUTCOME_FREE`
+    settings do not count)."""
     train = run.train if job.epochs is None else replace(run.train, epochs=int(job.epochs))
     model = dict(run.model)
     if job.model_options is not None:
         model["options"] = dict(job.model_options)
     described = {
-        "version": __version__, "data": run.data_key, "seed": run.seed, "train": asdict(train), "model": model,
+        "version": __version__, "data": run.data_key, "seed": run.seed, "model": model,
+        "train": {k: v for k, v in asdict(train).items() if k not in OUTCOME_FREE},
         "balancer": dict(run.balancer), "diagnostics": dict(run.diagnostics),
         "groups": job.grouping.as_lists(), "serves": dict(job.grouping.serves),
         "continues_from": job.continues_from,

@@ -3,7 +3,8 @@ has all presets and seeds). The start is given as ``dmtg.prior`` (the known grou
 among the right digit's tasks, logits 3 / 0), so whatever moves the task is S's learning.
 
 The default recipe keeps the misplaced task (its own-loss gradient favours the branch that has adapted
-to it); with the opt-in pull towards branch-mates whose gradients agree (``mates_weight``) it returns.
+to it); with the opt-in pull towards branch-mates whose gradients agree (``mates_weight``) it returns, and
+so it does with the ``attribution`` recipe's pull towards the tasks that read the same inputs.
 """
 
 import pytest
@@ -21,8 +22,8 @@ def _wrong_start() -> list[list[float]]:
     return prior
 
 
-@pytest.mark.parametrize("extra, returns", [({}, False), (MATES, True)])
-def test_misplaced_task_returns_only_with_the_mates_pull(extra, returns):
+@pytest.mark.parametrize("extra, returns", [({}, False), (MATES, True), ({"recipe": "attribution"}, True)])
+def test_misplaced_task_returns_only_with_a_pull(extra, returns):
     options = dict(extra, init="prior", prior=_wrong_start())
     data, runs = run_preset("multimnist", ("dmtg",), options={"dmtg": options})
     res = runs["dmtg"]

@@ -1,8 +1,8 @@
 """Which tasks read the same inputs: an affinity of the tasks' input attributions, measured on the
 DMTG model while it trains, and the pull it gives S.
 
-Task i's attribution on sample s is g_i(s) = dL_i(s)/dx_s, the gradient of its loss (through the head
-that serves it now) w.r.t. the input. Tasks that depend on the same input directions (the same image
+Task i's attribution on sample s is g_i(s) = dL_i(s)/dx_s, the gradient of its loss w.r.t. the input,
+read through every branch of the DMTG model (its head there, trained or probe). Tasks that depend on the same input directions (the same image
 region, the same subspace of a feature vector) have attributions in the same subspace, whichever
 branch serves them and whether or not their labels correlate; cf. Song et al. (NeurIPS 2019), who
 compare attribution maps to predict transferability between tasks. The affinity is the cosine of
@@ -11,7 +11,7 @@ the tasks' attribution second moments M_i = E[g_i g_i^T]:
     a_ij = <M_i, M_j>_F / (|M_i|_F |M_j|_F),   <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2
 
 (G_i: the n x d attributions of a batch; sign-free, so a task's residual sign does not matter), with
-running means of the inner products over measurements. Unlike S's own-loss gradient, it does not
+the inner products summed over branches and averaged over measurements. Unlike S's own-loss gradient, it does not
 favour the branch that has adapted to a task, so a misplaced task can leave its branch.
 
 The pull on S is a soft clustering objective: with C = a centred per row over the other tasks and
@@ -36,8 +36,8 @@ __all__ = ["AttributionAffinity", "branch_views", "pull_loss"]
 
 
 class AttributionAffinity:
-    """Running second-moment inner products of the tasks' input attributions, per view of the model
-    (V x N x N; a DMTG model has one view per branch, any other model one).
+    """Running second-moment inner products of the tasks' input attributions (N x N), summed over the
+    views of the model (a DMTG model's branches; any other model is one view).
 
     Args:
         n_tasks: N.
@@ -46,17 +46,16 @@ class AttributionAffinity:
     """
 
     def __init__(self, n_tasks: int, decay: float = 0.9, samples: int = 32) -> None:
-        self.n_tasks = n_tasks
-        self.inner: Tensor | None = None
+        self.inner = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)
         self.decay = float(decay)
         self.samples = int(samples)
         self.measured = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": None if self.inner is None else self.inner.tolist(), "measured": self.measured}
+        return {"inner": self.inner.tolist(), "measured": self.measured}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner = None if state["inner"] is None else torch.tensor(state["inner"], dtype=torch.float64)
+        self.inner = torch.tensor(state["inner"], dtype=torch.float64)
         self.measured = int(state["measured"])
 
     def measure(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor], tasks: list[Task]) -> None:
@@ -64,23 +63,18 @@ class AttributionAffinity:
         batch-norm statistics or dropout draws change: training is unaffected) and its parameters'
         ``.grad`` untouched.
 
-        On a DMTG model every branch is read by all its live heads (probes included): two tasks are
-        compared through the same features, so the affinity does not merely echo which tasks share
-        a branch now (a misplaced task's attribution through its own branch mimics that branch's
-        features)."""
+        On a DMTG model every branch is read by all its live heads (probes included) and the inner
+        products are summed over the branches: a misplaced task's attribution through its own branch
+        mimics that branch's features, through the others it does not, so the affinity does not merely
+        echo which tasks share a branch now."""
         n = min(self.samples, x.shape[0])
         xs = x[:n].detach().requires_grad_(True)
         index = {t.name: i for i, t in enumerate(tasks)}
-        views = branch_views(model, [t.name for t in tasks])
-        if self.inner is None:
-            self.inner = torch.zeros(len(views), self.n_tasks, self.n_tasks, dtype=torch.float64)
         inner = torch.zeros_like(self.inner)
         was_training = model.training
         model.eval()
         try:
-            for v, keys in enumerate(views):
-                if keys == []:
-                    continue
+            for keys in branch_views(model, [t.name for t in tasks]):
                 with torch.enable_grad():
                     if keys is None:
                         named = model(xs)
@@ -93,41 +87,28 @@ class AttributionAffinity:
                 # <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2 for every pair, from the n x n cross-Gram blocks
                 block = torch.einsum("isd,jtd->ijst", G, G).square().sum(dim=(2, 3)).cpu() / n ** 2
                 sel = torch.tensor([index[t] for t in losses])
-                inner[v][sel[:, None], sel[None, :]] = block
+                inner[sel[:, None], sel[None, :]] += block
         finally:
             model.train(was_training)
         self.measured += 1
         keep = min(self.decay, 1 - 1 / self.measured)
         self.inner = keep * self.inner + (1 - keep) * inner
 
-    def cosines(self) -> Tensor:
-        """a_ij: the cosines of the attribution second moments, averaged over the views where both
-        tasks were measured (ones on the diagonal; 0 where they never were)."""
-        n = self.n_tasks
-        if self.inner is None:
-            return torch.eye(n, dtype=torch.float64)
-        d = self.inner.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # V x N
-        scale = d[:, :, None] * d[:, None, :]
-        seen = scale > 0
-        per_view = torch.where(seen, self.inner / scale.clamp_min(1e-300), torch.zeros_like(self.inner))
-        a = per_view.sum(0) / seen.sum(0).clamp_min(1)
-        return a.fill_diagonal_(1.0)
-
     def matrix(self) -> Tensor:
-        """The affinity the pull uses: cosines between the rows of a (N x N). Two tasks are close when
-        they are close to the same tasks, so a group whose members read different parts of a shared
-        input (s1^2 and s2^2 beside s1 s2) holds together through the members they share."""
-        rows = torch.nn.functional.normalize(self.cosines(), dim=1)
-        return (rows @ rows.T).float()
+        """The affinity a (N x N, ones on the diagonal; a task without attribution yet has a_ij = 0)."""
+        d = self.inner.diag().clamp_min(0).sqrt()
+        scale = d[:, None] * d[None, :]
+        a = torch.where(scale > 0, self.inner / scale.clamp_min(1e-300), torch.zeros_like(self.inner))
+        return a.fill_diagonal_(1.0).float()
 
 
 def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str]] | None]:
-    """The head keys to read per branch of a DMTG model (its live heads; ``[]`` for a branch without
-    any); ``[None]`` (``model(x)``: each task through the head that serves it) for any other model."""
+    """The head keys to read per branch of a DMTG model (its live heads; branches without any are
+    skipped); ``[None]`` (``model(x)``: each task through the head that serves it) for any other model."""
     live = getattr(model, "live", None)
     if live is None or not hasattr(model, "forward_heads"):
         return [None]
-    return [[(k, t) for i, t in enumerate(names) if live[k, i]] for k in range(live.shape[0])]
+    return [[(k, t) for i, t in enumerate(names) if live[k, i]] for k in range(live.shape[0]) if live[k].any()]
 
 
 def pull_loss(p: Tensor, affinity: Tensor, weight: float) -> Tensor:
@@ -145,10 +126,3 @@ def pull_loss(p: Tensor, affinity: Tensor, weight: float) -> Tensor:
     pull = centred @ member / (n - 1)
     return -float(weight) * (p * pull).sum()
 
-
-def balance_loss(p: Tensor, weight: float) -> Tensor:
-    """-weight * H(q), q_k = mean_i p_ik the share of tasks on branch k: it draws tasks towards empty
-    or sparse branches, so that two groups do not stay merged in one branch while another branch
-    idles (single tasks cannot leave a merged branch on the pull alone: each would lose its mates)."""
-    q = p.mean(dim=0)
-    return float(weight) * (q * torch.log(q.clamp_min(1e-12))).sum()

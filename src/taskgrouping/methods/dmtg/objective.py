@@ -23,7 +23,7 @@ from torch import Tensor
 
 from taskgrouping.balancing.task_gradients import task_gradients
 from taskgrouping.engine.hooks import ObjectiveBase, StepOutput
-from taskgrouping.methods.dmtg.attribution import AttributionAffinity, balance_loss, pull_loss
+from taskgrouping.methods.dmtg.attribution import AttributionAffinity, pull_loss
 from taskgrouping.methods.dmtg.model import DMTGModel
 from taskgrouping.methods.dmtg.options import DMTGOptions
 from taskgrouping.tasks import Task
@@ -144,9 +144,6 @@ class DMTGObjective(ObjectiveBase):
             if not self.warming_up:
                 pull = pull_loss(model.probabilities(), self.attribution.matrix(), float(self.opts.attribution_weight))
                 extra = pull if extra is None else extra + pull
-        if float(self.opts.balance_weight) and not self.warming_up and torch.is_grad_enabled():
-            bal = balance_loss(model.probabilities(), float(self.opts.balance_weight))
-            extra = bal if extra is None else extra + bal
         return StepOutput({t: per_task[i] for i, t in enumerate(names)}, feats, extra)
 
     @torch.no_grad()

@@ -24,16 +24,22 @@ RECIPES: dict[str, dict[str, Any]] = {
     # one optimiser for weights and S, intended gradient scaling 1/sqrt(K) into branches, 1/sqrt(N) into heads.
     "paper": dict(warm_start=True, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                   grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
-                  s_warmup_epochs=0, warmup="gumbel", attribution_weight=0.0, balance_weight=0.0),
+                  s_warmup_epochs=0, warmup="gumbel", attribution_weight=0.0),
     # The released configs: no warm start, 1/sqrt(K) applied to branches and heads (their code's bug).
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                        grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
-                       s_warmup_epochs=0, warmup="gumbel", attribution_weight=0.0, balance_weight=0.0),
+                       s_warmup_epochs=0, warmup="gumbel", attribution_weight=0.0),
     # Ours: a label prior held fixed while the branches specialise, then S learned faster, with several
     # Gumbel draws per step, and collapsed heads pruned.
     "robust": dict(warm_start=False, init="auto", tau=1.0, tau_schedule="constant", s_lr=0.05,
                    grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
-                   s_warmup_epochs=3, warmup="probe", attribution_weight=0.0, balance_weight=0.0),
+                   s_warmup_epochs=3, warmup="probe", attribution_weight=0.0),
+    # Ours, learned from training signals only: a small random start (no label statistics) and S pulled
+    # towards the branches whose tasks read the same inputs (methods/dmtg/attribution.py), besides its
+    # own-loss gradient. Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
+    "attribution": dict(warm_start=False, init="noisy", tau=1.0, tau_schedule="constant", s_lr=0.05,
+                        grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
+                        s_warmup_epochs=3, warmup="probe", attribution_weight=20.0),
 }
 #: how S is initialised (``auto``: ``labels`` where the label prior is defined, else ``noisy``)
 INITS = ("auto", "uniform", "noisy", "prior", "affinity", "labels")
@@ -95,7 +101,6 @@ class DMTGOptions(MethodOptions):
     attribution_every: int = 10  # steps between measurements of the input-attribution affinity
     attribution_samples: int = 32  # rows of a batch it is measured on
     attribution_decay: float = 0.9  # running-mean decay of the affinity
-    balance_weight: float | None = None  # draws tasks towards empty or sparse branches (entropy of their shares)
 
     def __post_init__(self) -> None:
         expect_choice("recipe", self.recipe, sorted(RECIPES))
@@ -135,7 +140,6 @@ class DMTGOptions(MethodOptions):
         expect_int("attribution_samples", self.attribution_samples, low=1)
         expect_number("attribution_decay", self.attribution_decay, low=0)
         expect(self.attribution_decay < 1, "attribution_decay", "< 1", self.attribution_decay)
-        expect_number("balance_weight", self.balance_weight, low=0)
         expect(self.prior is not None or self.init != "prior", "prior",
                "an N x K matrix of initial logits (tasks x groups) with init=prior", self.prior)
         expect(self.prior is None or (isinstance(self.prior, (list, tuple))

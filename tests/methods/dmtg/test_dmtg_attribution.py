@@ -1,0 +1,112 @@
+"""The input-attribution affinity and the pull it gives S (methods/dmtg/attribution.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmtg_fixtures import small_data, small_model
+from taskgrouping.methods.dmtg import DMTGObjective, DMTGOptions
+from taskgrouping.methods.dmtg.attribution import AttributionAffinity, pull_loss
+from taskgrouping.tasks import Task
+
+
+class _Linear(nn.Module):
+    """f_i(x) = w_i . x for three regression tasks: a plain model (no branches)."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        out = x @ self.w.T
+        return {f"t{i}": out[:, i:i + 1] for i in range(self.w.shape[0])}
+
+
+def test_affinity_of_linear_tasks_is_the_squared_cosine_of_their_weights():
+    """For f_i = w_i . x with squared loss, dL_i/dx_s = 2 r_i(s) w_i / n, so a batch's M_i is proportional
+    to w_i w_i^T whatever the residuals: a_ij = (w_i . w_j)^2 / (|w_i|^2 |w_j|^2), by hand."""
+    torch.manual_seed(0)
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 1.0]])
+    tasks = [Task(f"t{i}", "regression") for i in range(3)]
+    x = torch.randn(16, 4)
+    y = {f"t{i}": torch.randn(16, 1) for i in range(3)}
+    model = _Linear(w)
+    aff = AttributionAffinity(3, decay=0.5, samples=12)
+    aff.measure(model, x, y, tasks)
+    wn = F.normalize(w, dim=1)
+    expected = (wn @ wn.T).square().double()
+    assert torch.allclose(aff.matrix(), expected.float(), atol=1e-6)
+    assert model.w.grad is None and model.training  # parameters' grads untouched, train mode restored
+
+
+def test_dmtg_model_is_read_through_every_branch_without_side_effects():
+    """On a DMTG model every live head of every branch is read (probes included; inner products summed over
+    branches, a pruned head skipped); the measurement leaves
+    S, the weights, their grads and the training mode as they were, and matches a hand computation."""
+    data = small_data()
+    model = small_model(data, s=torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]))
+    model.live[1, 0] = False  # a pruned head: task 0 is read on branch 0 only
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = data.train[list(range(20))]
+    aff = AttributionAffinity(4, samples=8)
+    aff.measure(model, x, y, data.tasks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    xs = x[:8]
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    for k in range(2):
+        grads = {}
+        for i, t in enumerate(data.task_names):
+            if not model.live[k, i]:
+                continue
+            xr = xs.clone().requires_grad_(True)
+            preds, _ = model.forward_heads(xr, [(k, t)])
+            (g,) = torch.autograd.grad(data.task(t).loss(preds[(k, t)], y[t][:8]), xr)
+            grads[i] = g.double()
+        for i, gi in grads.items():
+            for j, gj in grads.items():
+                expected[i, j] += (gi @ gj.T).square().sum() / 64  # summed over the branches
+    assert torch.allclose(aff.inner, expected, rtol=1e-6)
+
+
+def test_pull_moves_a_task_towards_the_branch_of_the_tasks_it_is_closer_to():
+    """pull_loss by hand: C centred per row over the other tasks, scaled to mean |C| = 1; the gradient on
+    S_0 raises the branch of task 1 (its close task) and lowers the branch of task 2."""
+    a = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]])
+    S = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 2.0]], requires_grad=True)  # task 0 sits with task 2
+    p = torch.softmax(S, dim=1)
+    loss = pull_loss(p, a, 3.0)
+    C = torch.tensor([[0.0, 0.4, -0.4], [0.4, 0.0, -0.4], [0.0, 0.0, 0.0]])
+    C = C / (C.abs().sum() / 6)
+    A = C @ p.detach() / 2
+    assert torch.allclose(loss, -3.0 * (p * A).sum())
+    loss.backward()
+    assert S.grad[0, 0] < 0 < S.grad[0, 1]  # descent raises S_00: task 0 moves towards task 1
+    assert torch.allclose(pull_loss(torch.ones(1, 2) / 2, torch.ones(1, 1), 1.0), torch.tensor(0.0))
+
+
+def test_objective_measures_and_resumes_the_affinity():
+    data = small_data()
+    model = small_model(data)
+    opts = DMTGOptions(attribution_weight=1.0, attribution_every=2, s_warmup_epochs=0)
+    obj = DMTGObjective(data.tasks, opts)
+    obj.on_epoch_start(0, model)
+    x, y = data.train[list(range(16))]
+    for _ in range(3):
+        out = obj(model, x, y)
+    assert obj.attribution.measured == 2 and out.extra_loss is not None
+    again = DMTGObjective(data.tasks, opts)
+    again.load_state_dict(obj.state_dict())
+    assert torch.equal(again.attribution.inner, obj.attribution.inner) and again.calls == obj.calls
+    assert "attribution_affinity" in obj.on_epoch_end(0, model)
+
+
+def test_attribution_recipe_and_bad_options():
+    opts = DMTGOptions(recipe="attribution")
+    assert opts.init == "noisy" and opts.attribution_weight == 20.0  # no label statistics
+    assert DMTGOptions().attribution_weight == 0.0  # opt-in on the default recipe
+    for key, value in (("attribution_weight", -1), ("attribution_every", 0), ("attribution_samples", 0),
+                       ("attribution_decay", 1.0)):
+        with pytest.raises(ValueError, match=f"^{key} must be"):
+            DMTGOptions(**{key: value})
