@@ -296,3 +296,15 @@ def test_cli_runs_a_long_table(tmp_path):
     for m in res["methods"].values():
         assert set(m["per_task"]) == {"s1", "s2", "s3"}
         assert all(np.isfinite(v["loss"]) for v in m["per_task"].values())
+
+
+def test_label_clusters_refuses_a_long_table(tmp_path):
+    """No row of a long table labels two tasks, so there is no label correlation to cluster."""
+    from taskgrouping.methods.base import method_options
+
+    path, _ = _long(tmp_path)
+    data = load_dataset("table", path=str(path), task_column="task", target="y")
+    with pytest.raises(ValueError, match="label_clusters needs tasks labelled on the same samples"):
+        method_options("label_clusters", None).check_data(data)
+    wide = load_dataset("table", path=str(_long(tmp_path, name="w.csv")[0]), targets=["y"])
+    method_options("label_clusters", None).check_data(wide)  # the wide form is fine

@@ -9,11 +9,25 @@ unrelated to it.
 
 from __future__ import annotations
 
-from taskgrouping.data.base import make_loader
+from dataclasses import dataclass
+
+from taskgrouping.data.base import TaskData, make_loader
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.dmtg.prior import cluster_prior, label_affinity
 from taskgrouping.methods.baselines import fit_grouping
+from taskgrouping.methods.options import MethodOptions
+
+
+@dataclass(frozen=True)
+class LabelClustersOptions(MethodOptions):
+    """No options; the data must label tasks on common samples."""
+
+    def check_data(self, data: TaskData) -> None:
+        if data.info.get("form") == "long":
+            raise ValueError(f"label_clusters needs tasks labelled on the same samples; the long-form table "
+                             f"{data.info.get('path', data.name)!r} labels each row for one task, so no two tasks "
+                             f"have a label correlation (use dmtg, hoa or tag there)")
 
 
 def label_groups(ctx: MethodContext) -> tuple[list[list[str]], list[list[float]]]:
@@ -29,7 +43,7 @@ def label_groups(ctx: MethodContext) -> tuple[list[list[str]], list[list[float]]
     return [g for g in groups if g], affinity.tolist()
 
 
-@register_method("label_clusters")
+@register_method("label_clusters", LabelClustersOptions)
 def label_clusters(ctx: MethodContext) -> MethodResult:
     """Training-free baseline: K average-linkage clusters of the tasks' |label correlation|, trained as given."""
     groups, affinity = label_groups(ctx)
