@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -298,3 +298,22 @@ def validate_task_list(tasks: list[Task]) -> None:
         if t.name in seen:
             raise ValueError(f"task name {t.name!r} appears twice")
         seen.add(t.name)
+
+
+def valid_counts(tasks: Sequence[Task], targets: Mapping[str, Tensor], device: torch.device | None = None) -> Tensor:
+    """Valid labels per task in ``targets`` (int64, in the order of ``tasks``; 0 for a task without
+    targets), as :meth:`~taskgrouping.tasks.Task.loss_sum_count` counts them: class ids ``>= 0``,
+    non-NaN regression values, pixels whose normal has no NaN (cosine loss)."""
+    counts = []
+    for t in tasks:
+        y = targets.get(t.name)
+        if y is None:
+            counts.append(torch.zeros((), dtype=torch.int64, device=device))
+        elif t.is_classification:
+            counts.append((y >= 0).sum())
+        elif t.kind == "normal" and t.loss_type == "cosine":
+            counts.append((~torch.isnan(y).any(dim=1)).sum())
+        else:
+            counts.append((~torch.isnan(y)).sum())
+    return torch.stack([c.to(device=device, dtype=torch.int64) for c in counts]) if counts else \
+        torch.zeros(0, dtype=torch.int64, device=device)

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 import distributed_worker as worker
 from taskgrouping.cli import app
 from taskgrouping.data.base import ShardedBatchSampler, TensorTaskDataset, make_loader
-from taskgrouping.engine.distributed import Ranks, _merge_orders, check_batches, check_config, valid_counts
+from taskgrouping.engine.distributed import Ranks, _merge_orders, check_batches, check_config
+from taskgrouping.tasks import valid_counts
 from taskgrouping.engine.evaluation import merge_meters
 from taskgrouping.tasks import Task
 

@@ -43,10 +43,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from taskgrouping.tasks import Task
+from taskgrouping.tasks import Task, valid_counts
 
 __all__ = ["Ranks", "LOCAL", "launched", "env_rank", "env_world_size", "setup", "check_config", "check_batches",
-           "task_shares", "valid_counts", "DISTRIBUTED_METHODS"]
+           "task_shares", "DISTRIBUTED_METHODS"]
 
 #: methods whose networks all train through :func:`~taskgrouping.engine.fit.fit`, identically on every
 #: rank (tests/engine/test_distributed.py checks them against one process; ``oracle`` and ``fixed``
@@ -311,25 +311,6 @@ def check_batches(data: Any, batch_size: int, world: int) -> None:
 
 
 # -- task losses ---------------------------------------------------------------------------------------
-
-def valid_counts(tasks: Sequence[Task], targets: Mapping[str, Tensor], device: torch.device | None = None) -> Tensor:
-    """Valid labels per task in ``targets`` (int64, in the order of ``tasks``; 0 for a task without
-    targets), as :meth:`~taskgrouping.tasks.Task.loss_sum_count` counts them: class ids ``>= 0``,
-    non-NaN regression values, pixels whose normal has no NaN (cosine loss)."""
-    counts = []
-    for t in tasks:
-        y = targets.get(t.name)
-        if y is None:
-            counts.append(torch.zeros((), dtype=torch.int64, device=device))
-        elif t.is_classification:
-            counts.append((y >= 0).sum())
-        elif t.kind == "normal" and t.loss_type == "cosine":
-            counts.append((~torch.isnan(y).any(dim=1)).sum())
-        else:
-            counts.append((~torch.isnan(y)).sum())
-    return torch.stack([c.to(device=device, dtype=torch.int64) for c in counts]) if counts else \
-        torch.zeros(0, dtype=torch.int64, device=device)
-
 
 def _merge_orders(orders: Sequence[list[int]]) -> list[int]:
     """One order of the union of ``orders`` that keeps each one's order (ties: the lower index first)."""

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from taskgrouping.tasks import Task
+from taskgrouping.tasks import Task, valid_counts
 
 Batch = tuple[Tensor, dict[str, Tensor]]
 
@@ -138,16 +138,7 @@ def labelled_tasks(tasks: Iterable[Task], targets: dict[str, Tensor]) -> set[str
     tasks = [t for t in tasks if t.name in targets]
     if not tasks:
         return set()
-    flags = []
-    for t in tasks:
-        y = targets[t.name]
-        if t.is_classification:
-            flags.append((y >= 0).any())
-        elif t.kind == "normal" and t.loss_type == "cosine":
-            flags.append((~torch.isnan(y).any(dim=1)).any())
-        else:
-            flags.append((~torch.isnan(y)).any())
-    return {t.name for t, ok in zip(tasks, torch.stack(flags).tolist()) if ok}
+    return {t.name for t, n in zip(tasks, valid_counts(tasks, targets).tolist()) if n > 0}
 
 
 class TaskLossObjective(ObjectiveBase):
