@@ -141,3 +141,23 @@ def test_a_plain_model_gives_the_unlabelled_tasks_constant_zero_losses():
     assert all(out.losses[t].item() == 0.0 and not out.losses[t].requires_grad for t in ("c", "d"))
     ref = model(x)
     assert torch.equal(out.losses["a"], TASKS[0].loss(ref["a"], targets["a"]))
+
+
+def test_train_loss_of_a_sparse_task_is_its_mean_over_the_batches_that_label_it():
+    """Task c is labelled on one sample, so one batch of four holds it: its epoch train loss is that
+    batch's loss (the model does not move: SGD at lr 1e-12), not a quarter of it."""
+    from taskgrouping.data.base import TensorTaskDataset, make_loader
+    from taskgrouping.engine.trainer import TrainConfig, train
+
+    torch.manual_seed(2)
+    x = torch.randn(32, 5)
+    targets = {"a": torch.randn(32, 1), "b": torch.randint(0, 2, (32,)), "c": torch.full((32, 1), float("nan")),
+               "d": torch.randint(0, 2, (32,))}
+    targets["c"][7] = 3.0
+    data = TensorTaskDataset(x, targets)
+    model = _model([["a", "b"], ["c", "d"]])
+    with torch.no_grad():
+        expected = TASKS[2].loss(model(x[7:8])["c"], targets["c"][7:8]).item()
+    result = train(model, make_loader(data, 8, True), make_loader(data, 8, False), TASKS,
+                   TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=1e-12, momentum=0.0, progress=False))
+    assert abs(result.history[0]["train_loss"]["c"] - expected) < 1e-5 * max(1.0, expected)

@@ -270,10 +270,12 @@ def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, bal
                  optimizer: torch.optim.Optimizer, callbacks: Sequence[Callback], shared: list[Tensor],
                  config: TrainConfig, device: torch.device, autocast: Any, epoch: int,
                  step: int, sync: "_Sync | None" = None) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns (mean train loss per task, number of batches). Under
+    """One pass over ``loader``; returns (mean train loss per task over the batches that label it,
+    number of batches). Under
     ``torchrun`` (``sync``) the losses become this rank's shares with global values and the ranks'
     gradients are added up before the optimiser step (:mod:`taskgrouping.engine.distributed`)."""
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     n_batches = 0
     ranks = sync.ranks if sync is not None else Ranks()
     for x, targets in loader:
@@ -305,10 +307,13 @@ def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, bal
         optimizer.step()
         objective.after_step()
         for name, loss in out.losses.items():
-            sums[name] = sums.get(name, 0.0) + float(loss.detach())
+            value = float(loss.detach())
+            sums[name] = sums.get(name, 0.0) + value
+            # a task without a label in the batch has a constant zero loss (TaskLossObjective): not counted
+            counts[name] = counts.get(name, 0) + int(loss.requires_grad or value != 0.0)
         n_batches += 1
         step += 1
-    return {k: v / max(n_batches, 1) for k, v in sums.items()}, n_batches
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}, n_batches
 
 
 @dataclass

@@ -59,3 +59,24 @@ def test_fused_head_losses_equal_per_task_losses():
         for i, t in enumerate(data.task_names):
             expected = 0.0 if (k, i) == (1, 2) else data.task(t).loss(preds[(k, t)], y[t]).item()
             assert loss[i, k].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_heads_of_tasks_without_a_label_in_the_batch_are_not_run():
+    """A long table's batch labels a few tasks: the other heads are not computed and their losses are 0,
+    as their masked losses would be; the labelled tasks' losses are unchanged."""
+    data = small_data()
+    model = small_model(data)
+    x, y = data.train[list(range(16))]
+    full, _ = model.head_losses(x, y, data.tasks)
+    sparse_y = dict(y)
+    absent = data.task_names[1]
+    sparse_y[absent] = torch.full_like(y[absent], float("nan")) if y[absent].is_floating_point() \
+        else torch.full_like(y[absent], -1)
+    seen = []
+    original = model._head_preds
+    model._head_preds = lambda k, f, idx, probes=frozenset(): seen.append(list(idx)) or original(k, f, idx, probes)
+    sparse, _ = model.head_losses(x, sparse_y, data.tasks)
+    assert all(1 not in idx for idx in seen) and len(seen) == model.K
+    assert torch.equal(sparse[1], torch.zeros(model.K))
+    keep = [0, 2, 3]
+    assert torch.allclose(sparse[keep], full[keep], atol=1e-7)

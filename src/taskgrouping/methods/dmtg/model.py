@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.dmtg.losses import StackedTargets
 from taskgrouping.models.branched import BranchedModel, HeadKey
-from taskgrouping.tasks import Task
+from taskgrouping.tasks import Task, valid_counts
 
 __all__ = ["DMTGModel", "scale_grad"]
 
@@ -131,7 +131,8 @@ class DMTGModel(nn.Module):
 
     def head_losses(self, x: Tensor, targets: dict[str, Tensor], tasks: list[Task],
                     probe: bool = False) -> tuple[Tensor, dict]:
-        """The N x K matrix of live heads' batch losses L_ik (0 for dead heads) and the branch features.
+        """The N x K matrix of live heads' batch losses L_ik (0 for dead heads and for tasks without a
+        label in the batch, whose heads are not run) and the branch features.
 
         Each branch's linear heads run as one matrix product and same-kind scalar tasks share one
         vectorised loss (:func:`stacked_losses`); this keeps a step's cost nearly flat in N.
@@ -144,8 +145,10 @@ class DMTGModel(nn.Module):
         loss = torch.zeros(N, self.K, device=x.device)
         feats = {}
         stacked = StackedTargets(tasks, targets)
+        # heads of tasks without a label in the batch are not run (their losses stay 0, as masked ones would)
+        labelled = valid_counts(tasks, targets).to(self.live.device) > 0
         for k in range(self.K):
-            idx = self.live[k].nonzero().flatten().tolist()
+            idx = (self.live[k] & labelled).nonzero().flatten().tolist()
             if not idx:
                 continue
             f = self.net.branches[k](scale_grad(z, self.branch_scale))
