@@ -319,3 +319,20 @@ def test_compile_option_trains_compiled_trunks(monkeypatch):
     assert compiled  # the stem and the branch
     assert all(not k.startswith("_orig_mod") for k in result.model.state_dict())
     assert torch.allclose(plain, out, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["balance-bench", "interrogate-sweep"])
+def test_the_one_process_studies_refuse_torchrun(command, monkeypatch, tmp_path):
+    """balance-bench and interrogate-sweep assume one process: under torchrun (WORLD_SIZE > 1) they
+    refuse with one line before anything is written."""
+    from taskgrouping.balancing.study import run_benchmark
+    from taskgrouping.methods.interrogate.sweep import interrogate_sweep
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"^{command} runs in one process; run it without torchrun$"):
+        if command == "balance-bench":
+            run_benchmark({"data": {"name": "digits"}}, ["ew"], out_dir=out)
+        else:
+            interrogate_sweep({"data": {"name": "digits"}}, [1.0], out_dir=out)
+    assert not out.exists()

@@ -70,7 +70,11 @@ def interrogate_sweep(config: Mapping[str, Any], lambdas: Sequence[float] = DEFA
     from taskgrouping.methods.base import METHODS
     from taskgrouping.metrics import delta_mtl
 
+    from taskgrouping.engine.distributed import env_world_size
+
     lambdas, seeds = _check_sweep_args(lambdas, seeds)
+    if env_world_size() > 1:  # its drivers and figures assume one process; each network is small
+        raise ValueError("interrogate-sweep runs in one process; run it without torchrun")
     cfg = merge(DEFAULTS, dict(config))
     cfg["methods"] = ["naive_mtl", "single_task", "interrogate"]
     validate(cfg)
