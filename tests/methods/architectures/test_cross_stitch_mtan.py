@@ -209,3 +209,22 @@ def test_bad_options_are_named():
     ctx = _context("mlp", shared_blocks=2)
     with pytest.raises(ValueError, match="shared_blocks"):
         build_mtan(ctx)
+
+
+@pytest.mark.parametrize("method", ["cross_stitch", "mtan"])
+def test_a_task_without_a_label_in_the_batch_costs_no_head(method):
+    """A long table's batch labels a few tasks: the absent task's head (and MTAN's attention modules for
+    it) are not run, its loss is a constant 0, and the other losses equal the full computation."""
+    ctx = _context("mlp")
+    net = build_cross_stitch(ctx) if method == "cross_stitch" else build_mtan(ctx)
+    x, y = _batch(ctx)
+    full = TaskLossObjective(ctx.data.tasks)(net, x, y).losses
+    calls = []
+    modules = [net.heads[1]] + (list(net.attention[1]) if method == "mtan" else [])
+    for m in modules:
+        m.register_forward_hook(lambda *_: calls.append(1))
+    y = dict(y, b=torch.full_like(y["b"], float("nan")))
+    sparse = TaskLossObjective(ctx.data.tasks)(net, x, y).losses
+    assert calls == [] and sparse["b"].item() == 0.0 and not sparse["b"].requires_grad
+    for t in ("a", "c"):
+        assert torch.allclose(sparse[t], full[t], atol=1e-6), t

@@ -155,6 +155,11 @@ class CrossStitchNetwork(nn.Module):
                 xs = unit(xs)
         return xs
 
+    def all_head_keys(self) -> list[HeadKey]:
+        """``(column, task)`` for every task. A task left out of :meth:`forward_heads` costs no head; its
+        column still runs, because the units mix it into the other tasks' columns."""
+        return list(enumerate(self.task_names))
+
     def forward_heads(self, x: Tensor, keys: Sequence[HeadKey] | None = None,
                       ) -> tuple[dict[HeadKey, Tensor], dict[int, Tensor]]:
         """Predictions ``{(column, task): y}`` and the features ``{column: pre-stitch output}``."""

@@ -156,6 +156,11 @@ class MTANNetwork(nn.Module):
                 attended[t] = mask * tap
         return attended, taps
 
+    def all_head_keys(self) -> list[HeadKey]:
+        """``(0, task)`` for every task: a task left out of :meth:`forward_heads` costs neither its
+        attention modules nor its head (a long table's batch labels a few tasks)."""
+        return [(0, t) for t in self.task_names]
+
     def forward_heads(self, x: Tensor, keys: Sequence[HeadKey] | None = None,
                       ) -> tuple[dict[HeadKey, Tensor], dict[int, Tensor]]:
         """Predictions ``{(0, task): y}`` and the features ``{block: shared output read by the attention}``."""
