@@ -110,3 +110,21 @@ def test_attribution_recipe_and_bad_options():
                        ("attribution_decay", 1.0)):
         with pytest.raises(ValueError, match=f"^{key} must be"):
             DMTGOptions(**{key: value})
+
+
+def test_the_pull_averages_the_warm_up_affinity_with_the_running_one():
+    """Once S starts to learn the warm-up's affinity is kept (once) and averaged with the running one."""
+    torch.manual_seed(0)
+    tasks = [Task(f"t{i}", "regression") for i in range(3)]
+    y = {f"t{i}": torch.randn(16, 1) for i in range(3)}
+    aff = AttributionAffinity(3, decay=0.5, samples=16)
+    aff.measure(_Linear(torch.tensor([[1.0, 0, 0], [1.0, 1, 0], [0, 0, 1.0]])), torch.randn(16, 3), y, tasks)
+    warm = aff.matrix().clone()
+    aff.keep_warm()
+    aff.measure(_Linear(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 1.0]])), torch.randn(16, 3), y, tasks)
+    aff.keep_warm()  # a second call keeps the first
+    assert torch.equal(aff.warm, warm)
+    assert torch.allclose(aff.matrix(), (aff.cosines() + warm) / 2)
+    again = AttributionAffinity(3)
+    again.load_state_dict(aff.state_dict())
+    assert torch.equal(again.matrix(), aff.matrix())

@@ -11,7 +11,9 @@ the tasks' attribution second moments M_i = E[g_i g_i^T]:
     a_ij = <M_i, M_j>_F / (|M_i|_F |M_j|_F),   <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2
 
 (G_i: the n x d attributions of a batch; sign-free, so a task's residual sign does not matter), with
-the inner products summed over branches and averaged over measurements. Unlike S's own-loss gradient, it does not
+the inner products summed over branches and averaged over measurements. Once S starts to learn,
+the pull uses the mean of that running affinity and the one at the end of the warm-up (measured
+before S's moves shaped the branches). Unlike S's own-loss gradient, it does not
 favour the branch that has adapted to a task, so a misplaced task can leave its branch.
 
 The pull on S is a soft clustering objective: with C = a centred per row over the other tasks and
@@ -50,13 +52,24 @@ class AttributionAffinity:
         self.decay = float(decay)
         self.samples = int(samples)
         self.measured = 0
+        self.warm: Tensor | None = None  # the affinity at the end of the warm-up (see :meth:`keep_warm`)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.tolist(), "measured": self.measured}
+        return {"inner": self.inner.tolist(), "measured": self.measured,
+                "warm": None if self.warm is None else self.warm.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner = torch.tensor(state["inner"], dtype=torch.float64)
         self.measured = int(state["measured"])
+        self.warm = None if state.get("warm") is None else torch.tensor(state["warm"])
+
+    def keep_warm(self) -> None:
+        """Keep the current affinity (called once, when S starts to learn). It was measured while the
+        branches trained the initial grouping, before S's moves shaped them; once S moves tasks, the
+        branches specialise to the new grouping and the running affinity can drift towards it (on
+        multimnist_dense it does), so :meth:`matrix` averages the two."""
+        if self.warm is None:
+            self.warm = self.cosines()
 
     def measure(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor], tasks: list[Task]) -> None:
         """One measurement on the first ``samples`` rows of a batch, with ``model`` in eval mode (no
@@ -94,12 +107,18 @@ class AttributionAffinity:
         keep = min(self.decay, 1 - 1 / self.measured)
         self.inner = keep * self.inner + (1 - keep) * inner
 
-    def matrix(self) -> Tensor:
-        """The affinity a (N x N, ones on the diagonal; a task without attribution yet has a_ij = 0)."""
+    def cosines(self) -> Tensor:
+        """The running affinity a (N x N, ones on the diagonal; a task without attribution yet has
+        a_ij = 0)."""
         d = self.inner.diag().clamp_min(0).sqrt()
         scale = d[:, None] * d[None, :]
         a = torch.where(scale > 0, self.inner / scale.clamp_min(1e-300), torch.zeros_like(self.inner))
         return a.fill_diagonal_(1.0).float()
+
+    def matrix(self) -> Tensor:
+        """The affinity the pull uses: the running one, averaged with the warm-up's once it is kept."""
+        a = self.cosines()
+        return a if self.warm is None else (a + self.warm) / 2
 
 
 def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str]] | None]:

@@ -142,6 +142,7 @@ class DMTGObjective(ObjectiveBase):
             if not float(self.opts.mates_weight):
                 self.calls += 1
             if not self.warming_up:
+                self.attribution.keep_warm()
                 pull = pull_loss(model.probabilities(), self.attribution.matrix(), float(self.opts.attribution_weight))
                 extra = pull if extra is None else extra + pull
         return StepOutput({t: per_task[i] for i, t in enumerate(names)}, feats, extra)
