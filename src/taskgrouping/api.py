@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from taskgrouping.config import ConfigError
 from taskgrouping.data.base import TaskData
+from taskgrouping.data.checks import sample_count
 from taskgrouping.engine.trainer import TrainConfig
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.option_values import short_repr
@@ -215,11 +216,9 @@ def _own_data(name: str, tasks: list[Task], splits: dict[str, Any]) -> TaskData:
         if not isinstance(ds, Dataset) and not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
             raise ConfigError(f"{split} must be a torch Dataset yielding (x, {{task: target}}), got {short_repr(ds)}")
         try:
-            n = len(ds)
-        except TypeError:
-            raise ConfigError(f"{split}: the dataset has no length; expected a sized Dataset") from None
-        if n == 0:
-            raise ConfigError(f"{split}: the dataset is empty; expected at least one sample")
+            sample_count(ds, f"{split}: the dataset")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         sample = ds[0]
         if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[1], MappingABC)
                 and isinstance(sample[0], torch.Tensor)):

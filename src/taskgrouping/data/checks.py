@@ -27,7 +27,7 @@ from torch import Tensor
 from taskgrouping.data.base import TaskData, TensorTaskDataset
 from taskgrouping.tasks import Task
 
-__all__ = ["validate_data", "available_memory", "check_allocation", "format_bytes"]
+__all__ = ["validate_data", "sample_count", "available_memory", "check_allocation", "format_bytes"]
 
 SPLITS = ("train", "val", "test")
 #: Elements scanned at a time (bounds the temporaries of the finiteness and label checks).
@@ -133,18 +133,24 @@ def _count_labels(where: str, split: str, task: Task, y: Tensor) -> int:
     return count
 
 
+def sample_count(ds: object, what: str) -> int:
+    """``len(ds)``, or a ``ValueError`` line naming ``what`` when it has no length or no sample."""
+    try:
+        n = len(ds)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} has no length; expected a sized dataset") from None
+    if n == 0:
+        raise ValueError(f"{what} is empty; expected at least one sample")
+    return n
+
+
 def validate_data(data: TaskData) -> None:
     """Raise ``ValueError`` (one line naming the dataset or file, the split and the task) when
     ``data`` cannot be trained and scored; see the module docstring for what is checked."""
     where = _where(data)
     for split in SPLITS:
         ds = getattr(data, split)
-        try:
-            n = len(ds)
-        except TypeError:
-            raise ValueError(f"{where}: the {split} split has no length; expected a sized dataset") from None
-        if n == 0:
-            raise ValueError(f"{where}: the {split} split is empty; expected at least one sample")
+        sample_count(ds, f"{where}: the {split} split")
         if not isinstance(ds, TensorTaskDataset):
             continue  # lazy: read on access; scanning would read the whole dataset
         _check_inputs(where, split, ds.x, data.input_shape)
