@@ -129,22 +129,23 @@ class DMTGObjective(ObjectiveBase):
             p = model.probabilities()
             ent = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1).mean()
             extra = float(self.opts.entropy_weight) * ent
-        if float(self.opts.mates_weight) and torch.is_grad_enabled():
-            if self.calls % int(self.opts.mates_every) == 0:
-                self.measure_mates(model, feats, targets)
-            self.calls += 1
-            pull = None if self.warming_up else self.mates_loss(model)
-            if pull is not None:
-                extra = pull if extra is None else extra + pull
-        if self.attribution is not None and torch.is_grad_enabled():
-            if self.calls % int(self.opts.attribution_every) == 0:
-                self.attribution.measure(model, x, targets, [self.tasks[t] for t in names])
-            if not float(self.opts.mates_weight):
-                self.calls += 1
-            if not self.warming_up:
-                self.attribution.keep_warm()
-                pull = pull_loss(model.probabilities(), self.attribution.matrix(), float(self.opts.attribution_weight))
-                extra = pull if extra is None else extra + pull
+        if (float(self.opts.mates_weight) or self.attribution is not None) and torch.is_grad_enabled():
+            step, self.calls = self.calls, self.calls + 1  # training steps seen: when to measure
+            pulls = []
+            if float(self.opts.mates_weight):
+                if step % int(self.opts.mates_every) == 0:
+                    self.measure_mates(model, feats, targets)
+                pulls.append(None if self.warming_up else self.mates_loss(model))
+            if self.attribution is not None:
+                if step % int(self.opts.attribution_every) == 0:
+                    self.attribution.measure(model, x, targets, [self.tasks[t] for t in names])
+                if not self.warming_up:
+                    self.attribution.keep_warm()
+                    pulls.append(pull_loss(model.probabilities(), self.attribution.matrix(),
+                                           float(self.opts.attribution_weight)))
+            for pull in pulls:
+                if pull is not None:
+                    extra = pull if extra is None else extra + pull
         return StepOutput({t: per_task[i] for i, t in enumerate(names)}, feats, extra)
 
     @torch.no_grad()
