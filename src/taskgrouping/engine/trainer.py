@@ -12,7 +12,8 @@ the same global batches, in lockstep: rank 0's weights to start with, rank 0's R
 step, the losses turned into each rank's share with global values, the ranks' gradients added up
 before the optimiser step, validation reduced over the ranks; rank 0 alone writes checkpoints (and
 reads the one it resumes from, for every rank). The GPU path: bf16 autocast (``amp``),
-``torch.compile`` of the trunks (``compile``), channels-last (``channels_last``), loader workers and
+``torch.compile`` of the trunks (``compile``), the copies of a backbone as one vmapped call
+(``branches``), channels-last (``channels_last``), loader workers and
 pinned memory (``loader_workers``; :func:`~taskgrouping.engine.fit.loader_factory`).
 """
 
@@ -38,6 +39,7 @@ from taskgrouping.engine.evaluation import Predict, evaluate, total_loss
 from taskgrouping.engine.hooks import Callback, Objective, TaskLossObjective
 from taskgrouping.metrics import PRIMARY_METRICS, improves, selection_score
 from taskgrouping.tasks import Task
+from taskgrouping.models.stacked import BRANCH_MODES, BranchMode, resolve_branch_mode
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,6 +67,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the trunks (stem and branches; heads stay eager)
     channels_last: bool = False  # channels-last memory format for the network and 4-d inputs (CNNs on GPU)
+    branches: str = "auto"  # auto | stacked | loop: copies of one backbone as one vmapped call (auto: on CUDA)
     loader_workers: int = 0  # DataLoader worker processes (pinned memory on CUDA)
     progress: bool = True
     tensorboard: bool = False
@@ -87,10 +90,13 @@ class TrainConfig:
             "plateau_patience": non_negative, "early_stopping": non_negative,
             "select": {"choices": ("best_val", "last")}, "device": {"choices": ("auto", "cpu", "cuda")},
             "select_metric": {"choices": PRIMARY_METRICS},
-            "grad_clip": non_negative, "loader_workers": non_negative,
+            "grad_clip": non_negative, "loader_workers": non_negative, "branches": {"choices": BRANCH_MODES},
         }
         for f in dataclasses.fields(self):
             check_value(f"train.{f.name}", getattr(self, f.name), hints[f.name], **rules.get(f.name, {}))
+        if self.compile and self.branches == "stacked":
+            raise ValueError("train.branches='stacked' cannot be combined with train.compile=true (torch.compile "
+                             "compiles each branch on its own); use branches 'loop' or 'auto'")
 
 
 @dataclass
@@ -182,6 +188,7 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    set_branch_mode(model, "loop" if config.compile else resolve_branch_mode(config.branches, device))
     groups = objective.param_groups(model)
     # what the ranks add up after every step: the network's gradients and those of the objective's parameters
     # (a balancer's own parameters get the same gradient on every rank, from global values)
@@ -338,6 +345,13 @@ def _check_sharded(loader: DataLoader, ranks: Ranks) -> None:
     if loader_shard(loader) != (ranks.rank, ranks.world):
         raise ValueError(f"torch.distributed runs {ranks.world} ranks, but the training loader is not sharded for "
                          f"them; build it with make_loader(..., shard=(rank, world)) as engine.fit does")
+
+
+def set_branch_mode(model: nn.Module, mode: BranchMode) -> None:
+    """Run the copies of a backbone inside ``model`` (branches, InterroGate's streams) stacked or in a loop."""
+    for module in model.modules():
+        if hasattr(module, "branch_mode"):
+            module.branch_mode = mode
 
 
 def compile_trunks(model: nn.Module) -> None:

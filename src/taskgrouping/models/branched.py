@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from taskgrouping.models.backbones import build_backbone, default_backbone, output_shape
 from taskgrouping.models.heads import make_head
+from taskgrouping.models.stacked import BranchMode, run_branches, same_architecture
 from taskgrouping.tasks import Task
 
 HeadKey = tuple[int, str]
@@ -50,6 +51,10 @@ class BranchedModel(nn.Module):
         self.serves: dict[str, int] = dict(serves)
         #: how to rebuild this architecture (set by :func:`build_branched_model` for registered backbones)
         self.spec: dict | None = None
+        #: ``stacked``: run the branches as one vmapped call (:mod:`~taskgrouping.models.stacked`) when they
+        #: share an architecture; ``loop``: one after another. Same weights and results either way.
+        self.branch_mode: BranchMode = "loop"
+        self._uniform: bool | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -63,9 +68,15 @@ class BranchedModel(nn.Module):
 
     def features(self, x: Tensor, branches: Iterable[int] | None = None) -> dict[int, Tensor]:
         """Branch outputs (the features heads read) for the requested branches."""
-        z = self.stem(x)
-        ks = range(len(self.branches)) if branches is None else sorted(set(branches))
-        return {k: self.branches[k](z) for k in ks}
+        return self.branch_features(self.stem(x), range(len(self.branches)) if branches is None else branches)
+
+    def branch_features(self, z: Tensor, branches: Iterable[int]) -> dict[int, Tensor]:
+        """The requested branches applied to the stem's output ``z`` (stacked or looped, see ``branch_mode``)."""
+        ks = sorted(set(branches))
+        if self._uniform is None:
+            self._uniform = same_architecture(list(self.branches))
+        mode: BranchMode = self.branch_mode if self._uniform else "loop"
+        return dict(zip(ks, run_branches([self.branches[k] for k in ks], z, mode)))
 
     def forward_heads(self, x: Tensor, keys: Iterable[HeadKey] | None = None,
                       ) -> tuple[dict[HeadKey, Tensor], dict[int, Tensor]]:

@@ -112,12 +112,10 @@ class DMTGModel(nn.Module):
         """Predictions of the given heads (default: live ones) with DMTG's gradient scaling."""
         keys = self.live_keys() if keys is None else keys
         z = self.net.stem(x)
-        feats = {}
         preds = {}
         index = {t: i for i, t in enumerate(self.task_names)}
-        for k in sorted({k for k, _ in keys}):
-            f = self.net.branches[k](scale_grad(z, self.branch_scale))
-            feats[k] = f
+        feats = self.net.branch_features(scale_grad(z, self.branch_scale), {k for k, _ in keys})
+        for k, f in feats.items():
             fh = scale_grad(f, self.head_scale)
             for kk, t in keys:
                 if kk == k:
@@ -143,17 +141,13 @@ class DMTGModel(nn.Module):
         z = self.net.stem(x)
         N = len(self.task_names)
         loss = torch.zeros(N, self.K, device=x.device)
-        feats = {}
         stacked = StackedTargets(tasks, targets)
         # heads of tasks without a label in the batch are not run (their losses stay 0, as masked ones would)
         labelled = valid_counts(tasks, targets).to(self.live.device) > 0
-        for k in range(self.K):
-            idx = (self.live[k] & labelled).nonzero().flatten().tolist()
-            if not idx:
-                continue
-            f = self.net.branches[k](scale_grad(z, self.branch_scale))
-            feats[k] = f
-            fh = scale_grad(f, self.head_scale)
+        run = {k: idx for k in range(self.K) if (idx := (self.live[k] & labelled).nonzero().flatten().tolist())}
+        feats = self.net.branch_features(scale_grad(z, self.branch_scale), run)
+        for k, idx in run.items():
+            fh = scale_grad(feats[k], self.head_scale)
             probes = set() if assign is None else {j for j, i in enumerate(idx) if assign[i] != k}
             preds = self._head_preds(k, fh, idx, probes)
             col = stacked.losses([tasks[i] for i in idx], preds, idx)

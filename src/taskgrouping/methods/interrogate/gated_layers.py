@@ -26,6 +26,7 @@ from taskgrouping.methods.interrogate.compiled import (TRANSFORMER_ROLES, Compil
 from taskgrouping.methods.interrogate.gates import GatePoint
 from taskgrouping.methods.interrogate.pruning import prune_output_channels, prune_weight_layer
 from taskgrouping.models.resnet import BasicBlock
+from taskgrouping.models.stacked import BranchMode, Call, run_branches
 from taskgrouping.models.vit import TransformerBlock
 
 __all__ = ["GatedItem", "GatedUnit", "GatedStreamOp", "GatedBasicBlock", "GatedTransformerBlock"]
@@ -37,6 +38,13 @@ class GatedItem(nn.Module):
     shared input."""
 
     name: str = ""
+    #: ``stacked``: the streams' copies of a layer run as one vmapped call (:mod:`taskgrouping.models.stacked`)
+    branch_mode: BranchMode = "loop"
+
+    def streams(self, modules: Sequence[nn.Module], inputs: Sequence[Tensor | tuple[Tensor, ...]],
+                fn: Call | None = None) -> list[Tensor]:
+        """``fn(module, input)`` per stream (default ``module(input)``), stacked or looped (``branch_mode``)."""
+        return run_branches(modules, inputs, self.branch_mode, fn)
 
     def gate_points(self) -> dict[str, GatePoint]:
         return {}
@@ -62,8 +70,9 @@ class GatedUnit(GatedItem):
 
     def forward(self, shared: Tensor, tasks: list[Tensor], need_shared_out: bool
                 ) -> tuple[Tensor | None, list[Tensor]]:
-        out = self.gate.select(self.shared(shared), [m(x) for m, x in zip(self.tasks, tasks)])
-        return (self.gate.mix(out) if need_shared_out else None), out
+        psi, *own = self.streams([self.shared, *self.tasks], [shared, *tasks])
+        out, mixed = self.gate(psi, own, need_shared_out)
+        return mixed, out
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         asm = GateAssembly(self.gate.hard_gates(), self.gate.mix_weights(), self.gate.channel_dim, need_shared_out)
@@ -86,8 +95,12 @@ class GatedStreamOp(GatedItem):
 
     def forward(self, shared: Tensor | None, tasks: list[Tensor], need_shared_out: bool
                 ) -> tuple[Tensor | None, list[Tensor]]:
-        out = [m(x) for m, x in zip(self.tasks, tasks)] if self.per_stream else [self.shared(x) for x in tasks]
-        return (self.shared(shared) if need_shared_out and shared is not None else None), out
+        if not self.per_stream:
+            return (self.shared(shared) if need_shared_out and shared is not None else None), [self.shared(x) for x in tasks]
+        if need_shared_out and shared is not None:
+            psi, *out = self.streams([self.shared, *self.tasks], [shared, *tasks])
+            return psi, out
+        return None, self.streams(list(self.tasks), tasks)
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         tasks = [copy.deepcopy(m) for m in self.tasks] if self.per_stream else [copy.deepcopy(self.shared)]
@@ -116,16 +129,20 @@ class GatedBasicBlock(GatedItem):
         return F.relu(b.bn1(b.conv1(x)))
 
     @staticmethod
-    def _out(b: BasicBlock, mid: Tensor, x: Tensor) -> Tensor:
+    def _out(b: BasicBlock, mid_x: tuple[Tensor, Tensor]) -> Tensor:
+        mid, x = mid_x
         return F.relu(b.bn2(b.conv2(mid)) + b.shortcut(x))
 
     def forward(self, shared: Tensor, tasks: list[Tensor], need_shared_out: bool
                 ) -> tuple[Tensor | None, list[Tensor]]:
         g1, g2 = self.gates["conv1"], self.gates["conv2"]
-        mid = g1.select(self._mid(self.shared, shared), [self._mid(b, x) for b, x in zip(self.tasks, tasks)])
-        out = g2.select(self._out(self.shared, g1.mix(mid), shared),
-                        [self._out(b, m, x) for b, m, x in zip(self.tasks, mid, tasks)])
-        return (g2.mix(out) if need_shared_out else None), out
+        blocks = [self.shared, *self.tasks]
+        inputs = [shared, *tasks]
+        psi, *own = self.streams(blocks, inputs, self._mid)
+        mid, mid_mix = g1(psi, own, True)
+        psi, *own = self.streams(blocks, list(zip([mid_mix, *mid], inputs)), self._out)
+        out, mixed = g2(psi, own, need_shared_out)
+        return mixed, out
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         g1, g2 = self.gates["conv1"], self.gates["conv2"]

@@ -1,0 +1,420 @@
+"""Copies of one backbone run in a loop vs stacked into one vmapped call (``train.branches``), side by side.
+
+Every network below holds several copies of the small_cnn backbone; ``set_branch_mode(model, mode)``
+makes them run one after another (``loop``) or as one ``torch.func.vmap`` call (``stacked``,
+:mod:`taskgrouping.models.stacked`). Measured for each mode, interleaved in ONE process:
+
+1. naive-MTL step (one branch, all 8 heads; nothing to stack, measured once);
+2. single-task step (8 branches, one head each), ÷ (8 x naive);
+3. DMTG step (K branches with all heads, steps that learn S, no shared blocks), ÷ (K x naive), K = 2..5;
+4. InterroGate training step (gated network of T + 1 = 9 streams, its sparsity loss and the gates'
+   own Adam optimiser, lr 0.01, included), ÷ single-task step in the same mode and ÷ naive;
+5. inference (eval, no grad) of InterroGate's compiled network ÷ the 8 single-task networks for the
+   forced gate patterns of bench_interrogate.py (all task-specific, 75 / 50 / 25 %, all shared), with
+   the FLOPs ratio; the compiled network is timed in both modes only if it has a ``branch_mode``.
+
+Setting: on the CPU, MultiMNIST-sized inputs 1x28x28, batch 128, one thread; on CUDA (used when
+available) CelebA-shaped inputs 3x64x64, batch 64, ``torch.cuda.synchronize()`` around every timing.
+8 binary tasks (left/right x even, gt4, loop, prime), small_cnn {"channels": [16, 32], "feature_dim": 64},
+Adam lr 1e-3. Each timing is one step; every round times every variant (the order reversed every
+other round) and the medians over rounds are reported (the machine is shared and noisy). Before
+timing, each network's losses on one batch are computed in both modes from the same weights (on CUDA
+with TF32 convolutions off): the stacked mode must agree with the loop to a relative 1e-5 (a sanity
+check, recorded, not a test). Timings keep torch's default precision settings.
+
+Writes benchmarks/results/branches.json and branches.md (``--quick``: few rounds, under a minute on
+2 CPU cores, written to branches_quick.json / .md so that the full figures stay). The last line
+printed is one JSON object: the four headline ratios of the mode ``train.branches=auto`` picks on
+this device, ``mode``, ``device`` and ``by_mode`` (the same four ratios for each mode).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_branches.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from taskgrouping.engine.hooks import TaskLossObjective
+from taskgrouping.engine.trainer import TrainConfig, make_optimizer, set_branch_mode
+from taskgrouping.flops import count_flops
+from taskgrouping.io import atomic_write_json, atomic_write_text
+from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, DMTGOptions
+from taskgrouping.methods.interrogate import InterroGateObjective, InterroGateOptions, build_gated_network
+from taskgrouping.models.backbones import build_backbone, output_shape
+from taskgrouping.models.branched import build_branched_model
+from taskgrouping.models.heads import make_head
+from taskgrouping.models.stacked import resolve_branch_mode
+from taskgrouping.tasks import Task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_interrogate import PATTERNS, tasks  # noqa: E402  (the same tasks and gate patterns)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+BACKBONE = "small_cnn"
+OPTIONS = {"channels": [16, 32], "feature_dim": 64}
+LR = 1e-3
+MODES = ("loop", "stacked")
+KS = (2, 3, 4, 5)
+MIXED = ("75% task-specific", "50% task-specific", "25% task-specific")
+TOLERANCE = 1e-5
+WARMUP_STEPS = 3
+#: (training rounds, inference rounds); one round times one step / one forward of every variant
+ROUNDS = {"quick": (16, 30), "full": (400, 400)}
+HEADLINE = ("interrogate_step_over_stl", "dmtg_step_over_k_naive", "stl_step_over_n_naive",
+            "compiled_inference_over_stl")
+#: the issue's targets: (what, the figure it reads, limit)
+TARGETS = {
+    "cpu": [("single-task <= 1.0 x (N x naive)", "stl_step_over_n_naive", 1.0),
+            ("DMTG <= 1.0 x (K x naive) at K = 2..5", "dmtg_step_over_k_naive", 1.0),
+            ("InterroGate <= 1.2 x STL", "interrogate_step_over_stl", 1.2),
+            ("compiled inference <= 1.0 x STL for mixed patterns", "compiled_inference_over_stl", 1.0)],
+    "cuda": [("single-task <= 0.3 x (N x naive) at N = 8", "stl_step_over_n_naive", 0.3),
+             ("DMTG <= 0.5 x (K x naive) at K = 4", "dmtg_step_over_k_naive_at_4", 0.5),
+             ("InterroGate <= 2 x naive", "interrogate_step_over_naive", 2.0)],
+}
+
+
+def setting(device: torch.device) -> tuple[tuple[int, ...], int]:
+    """(input shape, batch): MultiMNIST-sized on the CPU, CelebA-shaped on CUDA."""
+    return ((3, 64, 64), 64) if device.type == "cuda" else ((1, 28, 28), 128)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of one call of each function over ``rounds`` interleaved rounds (after a warm-up)."""
+    for f in fns.values():
+        for _ in range(WARMUP_STEPS):
+            f()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[k]()
+            _sync(device)
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# ---- networks (each built once from seed 0; every mode trains its own copy of the same weights) ----
+
+def naive_model(task_list: list[Task], shape) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_branched_model(task_list, [[t.name for t in task_list]], shape, BACKBONE, OPTIONS)
+
+
+def stl_model(task_list: list[Task], shape) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_branched_model(task_list, [[t.name] for t in task_list], shape, BACKBONE, OPTIONS)
+
+
+def dmtg_model(task_list: list[Task], shape, K: int) -> DMTGModel:
+    """K branches with every head, no shared blocks, S spread over the branches (as bench_dmtg's ``_models``)."""
+    names = [t.name for t in task_list]
+    torch.manual_seed(0)
+    net = build_branched_model(task_list, [names] * K, shape, BACKBONE, OPTIONS)
+    s = torch.zeros(len(names), K)
+    s[torch.arange(len(names)), torch.arange(len(names)) % K] = 3.0
+    return DMTGModel(net, names, s, "intended")
+
+
+def gated_model(task_list: list[Task], shape):
+    """InterroGate's gated network (shared stream + one per task), as bench_interrogate's, for ``shape``."""
+    torch.manual_seed(0)
+    shared = build_backbone(BACKBONE, shape, **OPTIONS)
+    branches = {t.name: build_backbone(BACKBONE, shape, **OPTIONS) for t in task_list}
+    feat = output_shape(shared, shape)
+    heads = {t.name: make_head(t, feat, shape) for t in task_list}
+    return build_gated_network(shared, branches, heads)
+
+
+def task_objective(task_list, model):
+    return TaskLossObjective(task_list)
+
+
+def dmtg_objective(task_list, model):
+    """The default recipe in an epoch that learns S (after the warm-up epochs that hold it fixed)."""
+    opts = DMTGOptions()
+    objective = DMTGObjective(task_list, opts)
+    objective.on_epoch_start(int(opts.s_warmup_epochs), model)
+    return objective
+
+
+def interrogate_objective(task_list, model):
+    return InterroGateObjective(model, task_list, InterroGateOptions(gate_optimizer="adam", gate_lr=0.01))
+
+
+def in_mode(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    m = copy.deepcopy(model).to(device)
+    set_branch_mode(m, mode)
+    return m
+
+
+def step_fn(model, objective, x, y) -> Callable[[], None]:
+    """One training step as the trainer takes it: losses (+ the objective's extra loss), backward,
+    Adam on the objective's parameter groups, the objective's ``after_step`` (InterroGate's gates)."""
+    opt = make_optimizer(TrainConfig(lr=LR), objective.param_groups(model))
+
+    def step() -> None:
+        out = objective(model, x, y)
+        loss = torch.stack(list(out.losses.values())).sum()
+        if out.extra_loss is not None:
+            loss = loss + out.extra_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        objective.after_step()
+    return step
+
+
+def step_losses(model, objective, x, y) -> torch.Tensor:
+    """The task losses (and extra loss) of one step's forward pass, detached."""
+    torch.manual_seed(1234)  # DMTG's Gumbel draws: the same noise in both modes
+    out = objective(model, x, y)
+    values = list(out.losses.values()) + ([out.extra_loss] if out.extra_loss is not None else [])
+    return torch.stack([v.detach().float().reshape(()) for v in values]).cpu()
+
+
+def sanity(name: str, base, make_objective, task_list, x, y, device) -> dict:
+    """Losses of one batch in either mode from the same weights (fresh objectives, same RNG state)."""
+    losses = {}
+    tf32 = torch.backends.cudnn.allow_tf32  # CUDA: compare in float32 (TF32 convolutions round to ~1e-3)
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for mode in MODES:
+            model = in_mode(base, mode, device)
+            losses[mode] = step_losses(model, make_objective(task_list, model), x, y)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    loop, stacked = losses["loop"], losses["stacked"]
+    rel = float(((stacked - loop).abs() / loop.abs().clamp_min(1e-12)).max())
+    total_rel = float((stacked.sum() - loop.sum()).abs() / loop.sum().abs().clamp_min(1e-12))
+    row = {"network": name, "loop_total_loss": float(loop.sum()), "stacked_total_loss": float(stacked.sum()),
+           "max_rel_diff": rel, "total_rel_diff": total_rel, "tolerance": TOLERANCE, "ok": rel <= TOLERANCE}
+    print(f"sanity {name}: loop {row['loop_total_loss']:.7f} stacked {row['stacked_total_loss']:.7f} "
+          f"max rel diff {rel:.2e} ({'ok' if row['ok'] else 'ABOVE ' + str(TOLERANCE)})", flush=True)
+    return row
+
+
+def training(task_list, shape, x, y, device, rounds: int) -> tuple[dict, list[dict]]:
+    """Median step seconds of every network in every mode, and the loss sanity checks."""
+    bases = {"single_task": (stl_model(task_list, shape), task_objective),
+             **{f"dmtg_k{K}": (dmtg_model(task_list, shape, K), dmtg_objective) for K in KS},
+             "interrogate": (gated_model(task_list, shape), interrogate_objective)}
+    checks = [sanity(name, *bases[key], task_list, x, y, device)
+              for name, key in (("single_task", "single_task"), ("dmtg K=3", "dmtg_k3"), ("interrogate", "interrogate"))]
+    naive = naive_model(task_list, shape).to(device)
+    fns = {"naive_mtl": step_fn(naive, task_objective(task_list, naive), x, y)}
+    for name, (base, make_objective) in bases.items():
+        for mode in MODES:
+            model = in_mode(base, mode, device)
+            fns[f"{name}@{mode}"] = step_fn(model, make_objective(task_list, model), x, y)
+    return time_interleaved(fns, rounds, device), checks
+
+
+@torch.no_grad()
+def inference(task_list, shape, x, device, rounds: int) -> tuple[list[dict], bool]:
+    """Compiled InterroGate vs the 8 single-task networks (eval, no grad) for each forced gate pattern."""
+    stl_base = stl_model(task_list, shape).eval()
+    stl = {mode: in_mode(stl_base, mode, device).eval() for mode in MODES}
+    stl_flops = count_flops(stl["loop"], shape)
+    gated = gated_model(task_list, shape).to(device)
+    compiled: dict[str, dict[str, torch.nn.Module]] = {}
+    has_mode = False
+    for label, frac in PATTERNS.items():
+        g = torch.Generator().manual_seed(0)
+        gated.set_gates({k: torch.rand(p.alpha.shape, generator=g) < frac for k, p in gated.gate_points().items()})
+        net = gated.compile().eval()
+        has_mode = has_mode or any(hasattr(m, "branch_mode") for m in net.modules())
+        compiled[label] = {"loop": net}
+    modes = MODES if has_mode else ("once",)
+    if has_mode:
+        compiled = {label: {mode: in_mode(c["loop"], mode, device).eval() for mode in MODES}
+                    for label, c in compiled.items()}
+    else:
+        compiled = {label: {"once": c["loop"]} for label, c in compiled.items()}
+    fns: dict[str, Callable[[], object]] = {f"stl@{mode}": (lambda m=m: m(x)) for mode, m in stl.items()}
+    for label, by_mode in compiled.items():
+        for mode, net in by_mode.items():
+            fns[f"{label}@{mode}"] = (lambda n=net: n(x))
+    med = time_interleaved(fns, rounds, device)
+    rows = []
+    for label, frac in PATTERNS.items():
+        flops = count_flops(next(iter(compiled[label].values())), shape)
+        row = {"pattern": label, "task_specific_fraction": frac, "compiled_flops": flops, "stl_flops": stl_flops,
+               "flops_ratio": flops / stl_flops, "stl_ms": {m: 1e3 * med[f"stl@{m}"] for m in MODES},
+               "compiled_ms": {m: 1e3 * med[f"{label}@{m}"] for m in modes}}
+        # time ÷ STL in each mode (a compiled network without branch_mode has one time for both)
+        row["time_ratio"] = {m: med[f"{label}@{m if has_mode else 'once'}"] / med[f"stl@{m}"] for m in MODES}
+        rows.append(row)
+    return rows, has_mode
+
+
+def summarise(med: dict, infer: list[dict], n_tasks: int) -> dict:
+    """Step ms and ratios per mode."""
+    naive = med["naive_mtl"]
+    out = {}
+    for mode in MODES:
+        stl = med[f"single_task@{mode}"]
+        ig = med[f"interrogate@{mode}"]
+        dmtg = {K: med[f"dmtg_k{K}@{mode}"] for K in KS}
+        dmtg_ratio = {K: dmtg[K] / (K * naive) for K in KS}
+        out[mode] = {
+            "step_ms": {"naive_mtl": 1e3 * naive, "single_task": 1e3 * stl, "interrogate": 1e3 * ig,
+                        **{f"dmtg_k{K}": 1e3 * dmtg[K] for K in KS}},
+            "stl_step_over_n_naive": stl / (n_tasks * naive),
+            "dmtg_step_over_k_naive_by_k": {str(K): r for K, r in dmtg_ratio.items()},
+            "dmtg_step_over_k_naive": max(dmtg_ratio.values()),
+            "dmtg_step_over_k_naive_at_4": dmtg_ratio[4],
+            "interrogate_step_over_stl": ig / stl,
+            "interrogate_step_over_naive": ig / naive,
+            "compiled_inference_over_stl": max(r["time_ratio"][mode] for r in infer if r["pattern"] in MIXED),
+        }
+    return out
+
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def git_revision() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_revision": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def markdown(result: dict) -> str:
+    s, per = result["setup"], result["by_mode"]
+    dev = s["device"]
+    where = s["device_name"] if dev == "cuda" else f"CPU, {s['threads']} thread"
+    ms = {m: per[m]["step_ms"] for m in MODES}
+    lines = [f"# Branches in a loop vs stacked (one vmapped call): {where}", "",
+             f"Inputs {'x'.join(map(str, s['input']))}, batch {s['batch']}, {s['tasks']} binary tasks, {s['backbone']} "
+             f"{json.dumps(s['backbone_options'])}, Adam lr {s['lr']}; medians of {s['train_rounds']} interleaved "
+             f"training rounds and {s['inference_rounds']} inference rounds; torch {s['torch']}"
+             f"{'; quick run' if s['quick'] else ''}. `train.branches=auto` picks **{result['mode']}** here.", "",
+             f"## The issue's targets on {'the GPU' if dev == 'cuda' else 'the CPU'}", "",
+             "| target | loop | stacked |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['value']['loop']:.2f} ({'met' if t['met']['loop'] else 'missed'}) | "
+                     f"{t['value']['stacked']:.2f} ({'met' if t['met']['stacked'] else 'missed'}) |")
+    gpu = dev == "cuda"
+    lines += ["", f"## Naive MTL step (one branch, nothing to stack): {ms['loop']['naive_mtl']:.2f} ms", "",
+              "## Single-task step, N = 8 branches (target: "
+              + ("<= 0.3 x (N x naive) at N = 8 on the GPU" if gpu else "<= 1.0 x (N x naive) on the CPU") + ")", "",
+              "| | loop | stacked |", "|---|---|---|",
+              f"| step ms | {ms['loop']['single_task']:.2f} | {ms['stacked']['single_task']:.2f} |",
+              f"| ÷ (8 x naive) | {per['loop']['stl_step_over_n_naive']:.2f} | "
+              f"{per['stacked']['stl_step_over_n_naive']:.2f} |", "",
+              "## DMTG step, S learning (target: "
+              + ("<= 0.5 x (K x naive) at K = 4 on the GPU" if gpu else "<= 1.0 x (K x naive) at K = 2..5 on the CPU")
+              + ")", "",
+              "| K | loop ms | stacked ms | loop ÷ (K x naive) | stacked ÷ (K x naive) |", "|---|---|---|---|---|"]
+    for K in KS:
+        lines.append(f"| {K} | {ms['loop'][f'dmtg_k{K}']:.2f} | {ms['stacked'][f'dmtg_k{K}']:.2f} | "
+                     f"{per['loop']['dmtg_step_over_k_naive_by_k'][str(K)]:.2f} | "
+                     f"{per['stacked']['dmtg_step_over_k_naive_by_k'][str(K)]:.2f} |")
+    lines += [f"| largest | | | {per['loop']['dmtg_step_over_k_naive']:.2f} | "
+              f"{per['stacked']['dmtg_step_over_k_naive']:.2f} |", "",
+              "## InterroGate training step, T + 1 = 9 streams (target: "
+              + ("<= 2 x naive on the GPU" if gpu else "<= 1.2 x STL on the CPU") + ")", "",
+              "| | loop | stacked |", "|---|---|---|",
+              f"| step ms | {ms['loop']['interrogate']:.2f} | {ms['stacked']['interrogate']:.2f} |",
+              f"| ÷ STL (same mode) | {per['loop']['interrogate_step_over_stl']:.2f} | "
+              f"{per['stacked']['interrogate_step_over_stl']:.2f} |",
+              f"| ÷ naive | {per['loop']['interrogate_step_over_naive']:.2f} | "
+              f"{per['stacked']['interrogate_step_over_naive']:.2f} |", "",
+              "## Compiled InterroGate inference vs the 8 single-task networks (target: <= 1.0 x STL for mixed "
+              "patterns" + (", a CPU target" if gpu else "") + ")", "",
+              "The compiled network " + ("has a `branch_mode` and is timed in both modes."
+                                         if result["compiled_has_branch_mode"] else
+                                         "has no `branch_mode`: timed once, against the STL networks of each mode."),
+              "", "| gates | FLOPs ÷ STL | compiled ms (loop / stacked) | STL ms (loop / stacked) | "
+              "time ÷ STL, loop | time ÷ STL, stacked |", "|---|---|---|---|---|---|"]
+    for r in result["inference"]:
+        cm = r["compiled_ms"]
+        compiled_ms = f"{cm['once']:.2f}" if "once" in cm else f"{cm['loop']:.2f} / {cm['stacked']:.2f}"
+        lines.append(f"| {r['pattern']} | {r['flops_ratio']:.3f} | {compiled_ms} | {r['stl_ms']['loop']:.2f} / "
+                     f"{r['stl_ms']['stacked']:.2f} | {r['time_ratio']['loop']:.2f} | {r['time_ratio']['stacked']:.2f} |")
+    lines += [f"| largest over the mixed patterns | | | | {per['loop']['compiled_inference_over_stl']:.2f} | "
+              f"{per['stacked']['compiled_inference_over_stl']:.2f} |", "",
+              f"## Sanity: one batch's losses, stacked vs loop from the same weights (relative difference <= "
+              f"{TOLERANCE:g})", "",
+              "| network | loop total loss | stacked total loss | max relative difference | ok |", "|---|---|---|---|---|"]
+    for c in result["sanity"]:
+        lines.append(f"| {c['network']} | {c['loop_total_loss']:.6f} | {c['stacked_total_loss']:.6f} | "
+                     f"{c['max_rel_diff']:.1e} | {'yes' if c['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few rounds (under a minute); writes branches_quick.*")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape, batch = setting(device)
+    train_rounds, infer_rounds = ROUNDS["quick" if args.quick else "full"]
+    task_list = tasks()
+    torch.manual_seed(0)
+    x = torch.rand(batch, *shape, device=device)
+    y = {t.name: torch.randint(0, 2, (batch,), device=device) for t in task_list}
+    started = time.perf_counter()
+    med, checks = training(task_list, shape, x, y, device, train_rounds)
+    infer, has_mode = inference(task_list, shape, x, device, infer_rounds)
+    per = summarise(med, infer, len(task_list))
+    auto = resolve_branch_mode("auto", device)
+    targets = [{"target": label, "reads": key, "limit": limit, "value": {m: per[m][key] for m in MODES},
+                "met": {m: per[m][key] <= limit for m in MODES}} for label, key, limit in TARGETS[device.type]]
+    result = {
+        "setup": {"device": device.type,
+                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+                  "input": list(shape), "batch": batch, "tasks": len(task_list), "backbone": BACKBONE,
+                  "backbone_options": OPTIONS, "shared_blocks": 0, "lr": LR, "threads": torch.get_num_threads(),
+                  "train_rounds": train_rounds, "inference_rounds": infer_rounds, "warmup_steps": WARMUP_STEPS,
+                  "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
+                  "platform": platform.platform(), **git_revision(),
+                  "seconds": round(time.perf_counter() - started, 1)},
+        "mode": auto, "by_mode": per, "median_step_ms": {k: 1e3 * v for k, v in med.items()},
+        "inference": infer, "compiled_has_branch_mode": has_mode, "sanity": checks, "targets": targets}
+    OUT.mkdir(parents=True, exist_ok=True)
+    stem = "branches_quick" if args.quick else "branches"
+    atomic_write_json(OUT / f"{stem}.json", result, strict=True)
+    text = markdown(result)
+    atomic_write_text(OUT / f"{stem}.md", text)
+    print(text, flush=True)
+    headline = {k: per[auto][k] for k in HEADLINE}
+    print(json.dumps({**headline, "mode": auto, "device": device.type,
+                      "by_mode": {m: {k: per[m][k] for k in HEADLINE} for m in MODES}}))
+
+
+if __name__ == "__main__":
+    main()
