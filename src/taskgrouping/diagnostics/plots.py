@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from taskgrouping.diagnostics.measures import MEASURES, check_measures
+from taskgrouping.figures import save_figure
 
 _LABELS = {
     "gds": "GDS (gradient direction similarity)",
@@ -55,10 +56,7 @@ def plot_trajectories(histories: Mapping[str, Sequence[Mapping[str, float]]], pa
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_trajectories"]

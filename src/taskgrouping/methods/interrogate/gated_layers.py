@@ -71,8 +71,8 @@ class GatedUnit(GatedItem):
     def forward(self, shared: Tensor, tasks: list[Tensor], need_shared_out: bool
                 ) -> tuple[Tensor | None, list[Tensor]]:
         psi, *own = self.streams([self.shared, *self.tasks], [shared, *tasks])
-        out, mixed = self.gate(psi, own, need_shared_out)
-        return mixed, out
+        out = self.gate.select(psi, own)
+        return (self.gate.mix(out) if need_shared_out else None), out
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         asm = GateAssembly(self.gate.hard_gates(), self.gate.mix_weights(), self.gate.channel_dim, need_shared_out)
@@ -139,10 +139,10 @@ class GatedBasicBlock(GatedItem):
         blocks = [self.shared, *self.tasks]
         inputs = [shared, *tasks]
         psi, *own = self.streams(blocks, inputs, self._mid)
-        mid, mid_mix = g1(psi, own, True)
-        psi, *own = self.streams(blocks, list(zip([mid_mix, *mid], inputs)), self._out)
-        out, mixed = g2(psi, own, need_shared_out)
-        return mixed, out
+        mid = g1.select(psi, own)
+        psi, *own = self.streams(blocks, list(zip([g1.mix(mid), *mid], inputs)), self._out)
+        out = g2.select(psi, own)
+        return (g2.mix(out) if need_shared_out else None), out
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         g1, g2 = self.gates["conv1"], self.gates["conv2"]

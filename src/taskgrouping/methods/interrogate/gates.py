@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["straight_through_gate", "gate_select", "mix_streams", "gate_streams", "GatePoint"]
+__all__ = ["straight_through_gate", "gate_select", "mix_streams", "GatePoint"]
 
 
 def straight_through_gate(alpha: Tensor) -> Tensor:
@@ -46,75 +46,6 @@ def mix_streams(streams: Sequence[Tensor], weights: Tensor, dim: int) -> Tensor:
         out = term if out is None else out + term
     assert out is not None
     return out
-
-
-def _reduce_to_channels(x: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
-    """Sum of ``x`` over every dimension but the channel one (C,)."""
-    dim = dim % x.ndim
-    return x.sum(dim=[d for d in range(x.ndim) if d != dim], dtype=dtype)
-
-
-class _GateStreams(torch.autograd.Function):
-    """``φ'_t`` for every task and, optionally, ``ψ'`` in one autograd node.
-
-    The forward values are those of :func:`gate_select` and :func:`mix_streams` (the same operations
-    on the same values, so the same bits as the compiled network); the backward pass computes the
-    gradients of ψ, every φ_t, α (straight-through) and β directly, in about half the memory passes
-    autograd takes over the elementwise graph (these passes, not FLOPs, are the gates' cost).
-    """
-
-    @staticmethod
-    def forward(ctx, shared: Tensor, alpha: Tensor, beta: Tensor, dim: int, need_mix: bool,
-                *own: Tensor) -> tuple[Tensor, ...]:
-        ctx.set_materialize_grads(False)
-        soft = torch.sigmoid(alpha)
-        gates = (soft > 0.5).to(shared.dtype)
-        weights = torch.softmax(beta, dim=1) if need_mix else None
-        views = [_channel_view(gates[t], shared.ndim, dim) for t in range(len(own))]
-        out = [torch.addcmul(shared * (1 - g), o, g) for g, o in zip(views, own)]
-        mixed = mix_streams(out, weights, dim) if weights is not None else shared.new_zeros(())
-        ctx.dim, ctx.need_mix = dim, need_mix
-        ctx.save_for_backward(shared, soft, gates, weights if weights is not None else soft.new_zeros(()),
-                              *own, *out)
-        return (*out, mixed)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None):
-        shared, soft, gates, weights, *rest = ctx.saved_tensors
-        n = len(rest) // 2
-        own, out = rest[:n], rest[n:]
-        dim = ctx.dim
-        grad_out, grad_mix = grads[:n], (grads[n] if ctx.need_mix else None)
-        grad_shared = torch.zeros_like(shared)
-        grad_own: list[Tensor | None] = []
-        grad_gate = torch.zeros_like(soft)
-        grad_weight = torch.zeros_like(weights) if grad_mix is not None else None
-        for t in range(n):
-            h = grad_out[t]
-            if grad_mix is not None:
-                w = _channel_view(weights[:, t], shared.ndim, dim).to(shared.dtype)
-                h = grad_mix * w if h is None else torch.addcmul(h, grad_mix, w)
-                grad_weight[:, t] = _reduce_to_channels(grad_mix * out[t], dim, weights.dtype)
-            if h is None:
-                grad_own.append(None)
-                continue
-            g = _channel_view(gates[t], shared.ndim, dim)
-            grad_own.append(h * g)
-            grad_shared.addcmul_(h, 1 - g)
-            grad_gate[t] = _reduce_to_channels((own[t] - shared) * h, dim, soft.dtype)
-        grad_alpha = grad_gate * soft * (1 - soft)  # straight-through: dG/dα = σ'(α)
-        grad_beta = None
-        if grad_weight is not None:  # softmax over tasks, backwards
-            grad_beta = weights * (grad_weight - (weights * grad_weight).sum(1, keepdim=True))
-        return (grad_shared, grad_alpha, grad_beta, None, None, *grad_own)
-
-
-def gate_streams(shared: Tensor, own: Sequence[Tensor], alpha: Tensor, beta: Tensor, dim: int,
-                 need_mix: bool) -> tuple[list[Tensor], Tensor | None]:
-    """Every task's ``φ'_t`` and, when ``need_mix``, ``ψ'``: :func:`gate_select` and :func:`mix_streams`
-    with the straight-through gates of ``α``, as one autograd node (same values, same gradients)."""
-    *out, mixed = _GateStreams.apply(shared, alpha, beta, dim, need_mix, *own)
-    return out, (mixed if need_mix else None)
 
 
 class GatePoint(nn.Module):
@@ -158,7 +89,3 @@ class GatePoint(nn.Module):
     def mix(self, streams: Sequence[Tensor]) -> Tensor:
         """The shared stream's next input ``ψ'``."""
         return mix_streams(streams, self.mix_weights(), self.channel_dim)
-
-    def forward(self, shared: Tensor, own: Sequence[Tensor], need_mix: bool) -> tuple[list[Tensor], Tensor | None]:
-        """:meth:`select`, then :meth:`mix` when ``need_mix``, fused (:func:`gate_streams`)."""
-        return gate_streams(shared, own, self.alpha, self.beta, self.channel_dim, need_mix)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 
+from taskgrouping.figures import save_figure
 from taskgrouping.io import atomic_write_json, atomic_write_text
 from taskgrouping.methods.base import MethodContext
 from taskgrouping.flops import count_parameters
@@ -219,7 +220,7 @@ def plot_tradeoff(summary: Mapping[str, Any], path: Path) -> None:
     ax.set_title("Accuracy / compute trade-off")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -256,5 +257,5 @@ def plot_sharing(pattern: Sequence[Mapping[str, Any]], path: Path, title: str = 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
