@@ -122,8 +122,8 @@ def test_branched_model_switch_keeps_weights_and_outputs():
 
 def test_branches_of_different_shapes_fall_back_to_the_loop():
     widths = iter([(8, 4), (8, 4), (16, 4)])  # the stem (empty here), then one backbone per branch
-    model = build_branched_model(TASKS[:2], [["a"], ["b"]], (6,), backbone=lambda: build_backbone("mlp", (6,),
-                                                                                                     widths=next(widths)))
+    model = build_branched_model(TASKS[:2], [["a"], ["b"]], (6,),
+                                 backbone=lambda: build_backbone("mlp", (6,), widths=next(widths)))
     set_branch_mode(model, "stacked")
     out = model(torch.randn(4, 6))
     assert set(out) == {"a", "b"} and model._uniform is False

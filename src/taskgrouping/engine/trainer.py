@@ -38,8 +38,8 @@ from taskgrouping.engine.distributed import Ranks, task_shares
 from taskgrouping.engine.evaluation import Predict, evaluate, total_loss
 from taskgrouping.engine.hooks import Callback, Objective, TaskLossObjective
 from taskgrouping.metrics import PRIMARY_METRICS, improves, selection_score
-from taskgrouping.tasks import Task
 from taskgrouping.models.stacked import BRANCH_MODES, BranchMode, resolve_branch_mode
+from taskgrouping.tasks import Task
 
 
 class TrainingDiverged(RuntimeError):

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-__all__ = ["BRANCH_MODES", "BranchMode", "Call", "run_branches", "run_stacked", "same_architecture", "resolve_branch_mode"]
+__all__ = ["BRANCH_MODES", "BranchMode", "Call", "run_branches", "run_stacked", "same_architecture",
+           "resolve_branch_mode"]
 
 BranchMode = Literal["loop", "stacked"]
 #: Accepted values of ``train.branches``: ``auto`` stacks on CUDA and loops on CPU.

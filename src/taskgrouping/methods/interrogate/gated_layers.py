@@ -95,9 +95,10 @@ class GatedStreamOp(GatedItem):
 
     def forward(self, shared: Tensor | None, tasks: list[Tensor], need_shared_out: bool
                 ) -> tuple[Tensor | None, list[Tensor]]:
+        run_shared = need_shared_out and shared is not None
         if not self.per_stream:
-            return (self.shared(shared) if need_shared_out and shared is not None else None), [self.shared(x) for x in tasks]
-        if need_shared_out and shared is not None:
+            return (self.shared(shared) if run_shared else None), [self.shared(x) for x in tasks]
+        if run_shared:
             psi, *out = self.streams([self.shared, *self.tasks], [shared, *tasks])
             return psi, out
         return None, self.streams(list(self.tasks), tasks)
