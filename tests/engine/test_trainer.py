@@ -1,5 +1,6 @@
 """Trainer: same seed -> same numbers, resume -> same numbers, divergence and bad checkpoints reported."""
 
+import copy
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from taskgrouping.data.builtin import planted
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.engine.checkpoint import CheckpointError
 from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.hooks import TaskLossObjective
 from taskgrouping.engine.trainer import TrainConfig, TrainingDiverged, train
 
 
@@ -78,3 +80,37 @@ def test_early_stopping_and_best_epoch_restored():
     best_val = min(h["val_total_loss"] for h in res.history)
     now = evaluate(res.model, make_loader(data.val, 64, False), data.tasks)
     assert sum(m["loss"] for m in now.values()) == pytest.approx(best_val, rel=1e-6)
+
+
+class _HoldFirstEpochs(TaskLossObjective):
+    """Plain task losses; the first ``held`` epochs are not selectable (as DMTG's warm-up)."""
+
+    def __init__(self, tasks, held: int) -> None:
+        super().__init__(tasks)
+        self.held = held
+
+    def on_epoch_end(self, epoch, model):
+        return {"selectable": False} if epoch < self.held else {}
+
+
+def test_held_epochs_are_not_selected_and_do_not_count_towards_early_stopping():
+    """With a learning rate that makes validation worse after the first epoch, plain selection returns epoch 0;
+    an objective holding epochs 0-2 gets the best of the later epochs, and early stopping (patience 2)
+    counts only those: training runs at least to epoch 5."""
+    data, model = _setup()
+    cfg = TrainConfig(epochs=12, batch_size=32, lr=0.3, early_stopping=2, progress=False)
+    loaders = make_loader(data.train, 32, True), make_loader(data.val, 32, False)
+    plain = train(copy.deepcopy(model), *loaders, data.tasks, cfg)
+    held = train(model, *loaders, data.tasks, cfg, objective=_HoldFirstEpochs(data.tasks, 3))
+    assert plain.best_epoch == 0  # the held run would pick it too, if the hold were ignored
+    assert held.best_epoch >= 3 and held.epochs_run >= 6
+    later = [h["val_total_loss"] for h in held.history[3:]]
+    assert held.history[held.best_epoch]["val_total_loss"] == min(later)
+
+
+def test_a_run_held_throughout_returns_its_last_epoch():
+    data, model = _setup()
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, progress=False)
+    res = train(model, make_loader(data.train, 32, True), make_loader(data.val, 32, False), data.tasks, cfg,
+                objective=_HoldFirstEpochs(data.tasks, 99))
+    assert res.best_epoch == 2

@@ -243,10 +243,14 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
             scheduler.step(val_loss) if config.schedule == "plateau" else scheduler.step()
         score = val_loss if config.select_metric == "loss" else selection_score(val, config.select_metric)
         best = run.best.get("score", run.best["val_loss"])  # checkpoints before select_metric keep val_loss only
-        if improves(score, best) or run.best["epoch"] < 0 or config.select == "last":
-            run.best.update(val_loss=val_loss, score=score, epoch=epoch, bad_epochs=0)
+        # an epoch the objective holds back (DMTG while S is fixed: not yet the model it returns) is selected only
+        # until the first epoch it does not hold, and does not count towards early stopping
+        held = record.get("selectable", True) is False
+        if (config.select == "last" or run.best["epoch"] < 0 or run.best.get("held", False)
+                or (not held and improves(score, best))):
+            run.best.update(val_loss=val_loss, score=score, epoch=epoch, bad_epochs=0, held=held)
             run.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
+        elif not held:
             run.best["bad_epochs"] += 1
         record["seconds"] = time.perf_counter() - t0
         run.elapsed += record["seconds"]

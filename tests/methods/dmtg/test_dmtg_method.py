@@ -50,3 +50,18 @@ def test_assignment_heatmap_is_written(tmp_path):
     assert res.extra["assignment_figure"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res.extra["dmtg_history"]) == 3 and len(res.extra["dmtg_history"][0]["assignment_probs"]) == 4
+
+
+def test_s_held_for_a_third_of_the_run_and_an_epoch_after_the_hold_returned():
+    """S's start is not DMTG's result: with S held for round(6 / 3) = 2 epochs, the selected epoch comes after
+    the hold, and S stays at its start during the hold."""
+    import dataclasses
+
+    data = small_data()
+    ctx = method_ctx(data, 2, {"recipe": "attribution", "s_warmup_fraction": 1 / 3})
+    ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, epochs=6))
+    res = dmtg(ctx)
+    assert res.extra["options"]["s_warmup_epochs"] == 2 and res.extra["options"]["s_warmup_fraction"] == 1 / 3
+    probs = [h["assignment_probs"] for h in res.extra["dmtg_history"]]
+    assert probs[0] == probs[1] != probs[2]
+    assert res.extra["best_epoch"] >= 2

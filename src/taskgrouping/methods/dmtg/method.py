@@ -81,6 +81,8 @@ def dmtg(ctx: MethodContext) -> MethodResult:
     """One-shot differentiable grouping into at most K groups (Gao et al. 2024)."""
     opts = ctx.opts(DMTGOptions)
     opts.check_data(ctx.data)
+    if opts.s_warmup_fraction:
+        opts = replace(opts, s_warmup_epochs=round(float(opts.s_warmup_fraction) * ctx.train.epochs))
     N, K = len(ctx.data.tasks), ctx.K
     if K < 1 or K > N:
         raise ValueError(f"dmtg needs 1 <= K <= number of tasks ({N}), got K={K}")
@@ -92,7 +94,8 @@ def dmtg(ctx: MethodContext) -> MethodResult:
     else:
         start_from_initial_grouping(ctx, net, s0)
     model = DMTGModel(net, ctx.data.task_names, s0, opts.grad_scaling)
-    result, _, _ = ctx.fit(model, "dmtg", score_test=False, objective=DMTGObjective(ctx.data.tasks, opts))
+    objective = DMTGObjective(ctx.data.tasks, opts, ctx.train.epochs)
+    result, _, _ = ctx.fit(model, "dmtg", score_test=False, objective=objective)
     model = result.model
     grouping = model.grouping()
     pruned = model.pruned()

@@ -38,9 +38,10 @@ class DMTGObjective(ObjectiveBase):
     once; only the weights change), which lowers the variance of S's gradient at no extra forward cost.
     """
 
-    def __init__(self, tasks: list[Task], opts: DMTGOptions) -> None:
+    def __init__(self, tasks: list[Task], opts: DMTGOptions, epochs: int | None = None) -> None:
         self.tasks = {t.name: t for t in tasks}
         self.opts = opts
+        self.epochs = epochs  # the run's length: warm-up epochs are held back from selection if S learns after them
         self.tau = self.tau_at(0)
         self.warming_up = int(opts.s_warmup_epochs) > 0
         self.mates: Tensor | None = None  # K x N x N running cosines of the tasks' gradients on each branch
@@ -161,6 +162,8 @@ class DMTGObjective(ObjectiveBase):
             settled = ((model.low_epochs >= int(self.opts.prune_patience)) | keep | ~model.live).all(dim=0)
             model.live &= keep | ~settled
         facts: dict[str, Any] = {}
+        if self.warming_up and self.epochs is not None and int(self.opts.s_warmup_epochs) < self.epochs:
+            facts["selectable"] = False  # S has not learned yet: the weights of the start, not DMTG's result
         if self.attribution is not None:
             facts["attribution_affinity"] = self.attribution.matrix().tolist()
         return {**facts, "tau": self.tau, "assignment_probs": model.probabilities().tolist(),

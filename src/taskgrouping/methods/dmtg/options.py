@@ -24,22 +24,22 @@ RECIPES: dict[str, dict[str, Any]] = {
     # one optimiser for weights and S, intended gradient scaling 1/sqrt(K) into branches, 1/sqrt(N) into heads.
     "paper": dict(warm_start=True, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                   grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
-                  s_warmup_epochs=0, warmup="gumbel", attribution_weight=0.0),
+                  s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0),
     # The released configs: no warm start, 1/sqrt(K) applied to branches and heads (their code's bug).
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                        grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
-                       s_warmup_epochs=0, warmup="gumbel", attribution_weight=0.0),
+                       s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0),
     # Ours: a label prior held fixed while the branches specialise, then S learned faster, with several
     # Gumbel draws per step, and collapsed heads pruned.
     "robust": dict(warm_start=False, init="auto", tau=1.0, tau_schedule="constant", s_lr=0.05,
                    grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
-                   s_warmup_epochs=3, warmup="probe", attribution_weight=0.0),
+                   s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=0.0),
     # Ours, learned from training signals only: a small random start (no label statistics) and S pulled
     # towards the branches whose tasks read the same inputs (methods/dmtg/attribution.py), besides its
     # own-loss gradient. Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
     "attribution": dict(warm_start=False, init="noisy", tau=1.0, tau_schedule="constant", s_lr=0.05,
                         grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
-                        s_warmup_epochs=3, warmup="probe", attribution_weight=20.0),
+                        s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=20.0),
 }
 #: how S is initialised (``auto``: ``labels`` where the label prior is defined, else ``noisy``)
 INITS = ("auto", "uniform", "noisy", "prior", "affinity", "labels")
@@ -65,7 +65,8 @@ class DMTGOptions(MethodOptions):
     :data:`INITS`), ``tau`` / ``tau_schedule`` (Gumbel temperature, constant or exponential from
     ``tau_start`` by ``tau_decay`` per epoch down to ``tau_end``), ``s_lr`` (S's learning rate; ``None``:
     the weights'), ``grad_scaling``, ``hard`` (straight-through draws), ``samples`` (Gumbel draws per step),
-    ``entropy_weight``, ``head_pruning``, ``s_warmup_epochs`` (epochs S is held fixed) and ``warmup``.
+    ``entropy_weight``, ``head_pruning``, ``s_warmup_epochs`` (epochs S is held fixed; or
+    ``s_warmup_fraction`` of the run's epochs) and ``warmup``.
     Values are resolved on creation: ``dataclasses.replace(opts, recipe=...)`` keeps the old recipe's.
     """
 
@@ -90,6 +91,7 @@ class DMTGOptions(MethodOptions):
     prune_patience: int = 2  # epochs all of a task's other heads must stay low before they are pruned
     warm_epochs: int | None = None  # warm start from a naive-MTL run this short (None: the run's converged one)
     s_warmup_epochs: int | None = None
+    s_warmup_fraction: float | None = None  # > 0: S is held for round(fraction x train.epochs) epochs instead
     warmup: str | None = None
     affinity_batches: int = 20  # training batches of the gradient-affinity prior (init=affinity)
     finetune_epochs: int = 0  # epochs to fine-tune the pruned model (0: one-shot)
@@ -105,6 +107,8 @@ class DMTGOptions(MethodOptions):
     def __post_init__(self) -> None:
         expect_choice("recipe", self.recipe, sorted(RECIPES))
         recipe = RECIPES[self.recipe]
+        if self.s_warmup_epochs is not None and self.s_warmup_fraction is None:  # the user's count wins
+            object.__setattr__(self, "s_warmup_fraction", 0.0)
         for f in dataclasses.fields(self):  # an explicit null means "the recipe's value, else the default"
             if getattr(self, f.name) is None:
                 object.__setattr__(self, f.name, recipe.get(f.name, f.default))
@@ -126,6 +130,8 @@ class DMTGOptions(MethodOptions):
         expect_int("prune_patience", self.prune_patience, low=0)
         expect_int("warm_epochs", self.warm_epochs, low=1, allow_none=True)
         expect_int("s_warmup_epochs", self.s_warmup_epochs, low=0)
+        expect_number("s_warmup_fraction", self.s_warmup_fraction, low=0)
+        expect(self.s_warmup_fraction < 1, "s_warmup_fraction", "< 1", self.s_warmup_fraction)
         expect_int("affinity_batches", self.affinity_batches, low=1)
         expect_int("finetune_epochs", self.finetune_epochs, low=0)
         expect(isinstance(self.retrain, (list, tuple)) and all(r in RETRAIN_INITS for r in self.retrain), "retrain",
