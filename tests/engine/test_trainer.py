@@ -108,9 +108,40 @@ def test_held_epochs_are_not_selected_and_do_not_count_towards_early_stopping():
     assert held.history[held.best_epoch]["val_total_loss"] == min(later)
 
 
-def test_a_run_held_throughout_returns_its_last_epoch():
+def test_a_run_held_throughout_returns_its_best_epoch():
     data, model = _setup()
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, progress=False)
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=0.3, progress=False)
     res = train(model, make_loader(data.train, 32, True), make_loader(data.val, 32, False), data.tasks, cfg,
                 objective=_HoldFirstEpochs(data.tasks, 99))
-    assert res.best_epoch == 2
+    losses = [h["val_total_loss"] for h in res.history]
+    assert res.best_epoch == losses.index(min(losses)) < 5
+
+
+class _HoldThenRewind(_HoldFirstEpochs):
+    """Holds epochs 0-2, asks to rewind after epoch 2 and records the weights it sees."""
+
+    def __init__(self, tasks) -> None:
+        super().__init__(tasks, 3)
+        self.seen: dict[str, dict] = {}
+
+    def on_epoch_start(self, epoch, model):
+        if epoch == 3:
+            self.seen["start_3"] = copy.deepcopy(model.state_dict())
+
+    def on_epoch_end(self, epoch, model):
+        self.seen[f"end_{epoch}"] = copy.deepcopy(model.state_dict())
+        facts = super().on_epoch_end(epoch, model)
+        return {**facts, "rewind": True} if epoch == 2 else facts
+
+
+def test_rewind_continues_from_the_best_held_epoch():
+    data, model = _setup()
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.3, progress=False)
+    objective = _HoldThenRewind(data.tasks)
+    res = train(model, make_loader(data.train, 32, True), make_loader(data.val, 32, False), data.tasks, cfg,
+                objective=objective)
+    losses = [h["val_total_loss"] for h in res.history[:3]]
+    best = losses.index(min(losses))
+    assert best < 2  # the rewind goes back, not to the last held epoch
+    for k, v in objective.seen[f"end_{best}"].items():
+        assert torch.equal(objective.seen["start_3"][k], v), k

@@ -246,12 +246,14 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         # an epoch the objective holds back (DMTG while S is fixed: not yet the model it returns) is selected only
         # until the first epoch it does not hold, and does not count towards early stopping
         held = record.get("selectable", True) is False
-        if (config.select == "last" or run.best["epoch"] < 0 or run.best.get("held", False)
-                or (not held and improves(score, best))):
+        if (config.select == "last" or run.best["epoch"] < 0 or (run.best.get("held", False) and not held)
+                or improves(score, best)):
             run.best.update(val_loss=val_loss, score=score, epoch=epoch, bad_epochs=0, held=held)
             run.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif not held:
             run.best["bad_epochs"] += 1
+        if record.get("rewind"):  # the objective continues from the best epoch so far (e.g. after DMTG's hold)
+            model.load_state_dict(run.best_weights)
         record["seconds"] = time.perf_counter() - t0
         run.elapsed += record["seconds"]
         run.history.append(record)

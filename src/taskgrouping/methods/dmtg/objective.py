@@ -164,6 +164,8 @@ class DMTGObjective(ObjectiveBase):
         facts: dict[str, Any] = {}
         if self.warming_up and self.epochs is not None and int(self.opts.s_warmup_epochs) < self.epochs:
             facts["selectable"] = False  # S has not learned yet: the weights of the start, not DMTG's result
+            if self.opts.rewind and epoch == int(self.opts.s_warmup_epochs) - 1:
+                facts["rewind"] = True  # S starts learning from the best held epoch's weights
         if self.attribution is not None:
             facts["attribution_affinity"] = self.attribution.matrix().tolist()
         return {**facts, "tau": self.tau, "assignment_probs": model.probabilities().tolist(),

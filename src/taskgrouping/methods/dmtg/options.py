@@ -92,6 +92,7 @@ class DMTGOptions(MethodOptions):
     warm_epochs: int | None = None  # warm start from a naive-MTL run this short (None: the run's converged one)
     s_warmup_epochs: int | None = None
     s_warmup_fraction: float | None = None  # > 0: S is held for round(fraction x train.epochs) epochs instead
+    rewind: bool = False  # S starts learning from the weights of the best validation epoch of its hold
     warmup: str | None = None
     affinity_batches: int = 20  # training batches of the gradient-affinity prior (init=affinity)
     finetune_epochs: int = 0  # epochs to fine-tune the pruned model (0: one-shot)
@@ -112,7 +113,7 @@ class DMTGOptions(MethodOptions):
         for f in dataclasses.fields(self):  # an explicit null means "the recipe's value, else the default"
             if getattr(self, f.name) is None:
                 object.__setattr__(self, f.name, recipe.get(f.name, f.default))
-        for key in ("warm_start", "hard", "head_pruning"):
+        for key in ("warm_start", "hard", "head_pruning", "rewind"):
             _flag(key, getattr(self, key))
         _one_of("init", self.init, INITS)
         _one_of("tau_schedule", self.tau_schedule, ("constant", "exponential"))
