@@ -38,7 +38,6 @@ import copy
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Callable
 
 import torch
 
+from taskgrouping.engine.driver import git_revision
 from taskgrouping.engine.hooks import TaskLossObjective
 from taskgrouping.engine.trainer import TrainConfig, make_optimizer, set_branch_mode
 from taskgrouping.flops import count_flops
@@ -292,7 +292,6 @@ def summarise(med: dict, infer: list[dict], n_tasks: int) -> dict:
     return out
 
 
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -303,15 +302,6 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-def git_revision() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_revision": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
 
 
 def markdown(result: dict) -> str:
@@ -404,7 +394,7 @@ def main() -> None:
                   "backbone_options": OPTIONS, "shared_blocks": 0, "lr": LR, "threads": torch.get_num_threads(),
                   "train_rounds": train_rounds, "inference_rounds": infer_rounds, "warmup_steps": WARMUP_STEPS,
                   "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
-                  "platform": platform.platform(), **git_revision(),
+                  "platform": platform.platform(), "git_revision": git_revision(),
                   "seconds": round(time.perf_counter() - started, 1)},
         "mode": auto, "by_mode": per, "median_step_ms": {k: 1e3 * v for k, v in med.items()},
         "inference": infer, "compiled_has_branch_mode": has_mode, "sanity": checks, "targets": targets}

@@ -50,7 +50,9 @@ class Objective(Protocol):
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None: ...
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, Any] | None:
-        """Facts merged into the epoch's log record."""
+        """Facts merged into the epoch's log record. The trainer reads two of them: ``selectable: False``
+        (the epoch is not a candidate for the returned model while a later one is, and does not count
+        towards early stopping) and ``rewind: True`` (continue from the best epoch so far)."""
         ...
 
     def state_dict(self) -> dict[str, Any] | None:

@@ -2,8 +2,9 @@
 DMTG model while it trains, and the pull it gives S.
 
 Task i's attribution on sample s is g_i(s) = dL_i(s)/dx_s, the gradient of its loss w.r.t. the input,
-read through every branch of the DMTG model (its head there, trained or probe). Tasks that depend on the same input directions (the same image
-region, the same subspace of a feature vector) have attributions in the same subspace, whichever
+read through every branch of the DMTG model (its head there, trained or probe). Tasks that depend on
+the same input directions (the same image region, the same subspace of a feature vector) have
+attributions in the same subspace, whichever
 branch serves them and whether or not their labels correlate; cf. Song et al. (NeurIPS 2019), who
 compare attribution maps to predict transferability between tasks. The affinity is the cosine of
 the tasks' attribution second moments M_i = E[g_i g_i^T]:
@@ -132,8 +133,8 @@ def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str
 
 def pull_loss(p: Tensor, affinity: Tensor, weight: float) -> Tensor:
     """-weight * sum_ik p_ik A_ik with A_ik = sum_{j != i} C_ij p_jk / (N - 1), C the affinity centred
-    per row over the other tasks and scaled to mean |C_ij| = 1 (A and p_jk held fixed): its gradient moves S_i towards the branches
-    whose tasks are closer to task i than its average task."""
+    per row over the other tasks and scaled to mean |C_ij| = 1 (A and p_jk held fixed): its gradient moves
+    S_i towards the branches whose tasks are closer to task i than its average task."""
     n = p.shape[0]
     if n < 2:
         return p.sum() * 0.0

@@ -46,7 +46,8 @@ class DMTGObjective(ObjectiveBase):
         self.warming_up = int(opts.s_warmup_epochs) > 0
         self.mates: Tensor | None = None  # K x N x N running cosines of the tasks' gradients on each branch
         self.calls = self.measured = 0
-        self.attribution = (AttributionAffinity(len(tasks), float(opts.attribution_decay), int(opts.attribution_samples))
+        self.attribution = (AttributionAffinity(len(tasks), float(opts.attribution_decay),
+                                                int(opts.attribution_samples))
                             if float(opts.attribution_weight) else None)
 
     def state_dict(self) -> dict[str, Any]:
