@@ -23,20 +23,23 @@ class _Linear(nn.Module):
         return {f"t{i}": out[:, i:i + 1] for i in range(self.w.shape[0])}
 
 
-def test_affinity_of_linear_tasks_is_the_squared_cosine_of_their_weights():
+def test_affinity_of_linear_tasks_averages_their_directions_and_their_coordinates():
     """For f_i = w_i . x with squared loss, dL_i/dx_s = 2 r_i(s) w_i / n, so a batch's M_i is proportional
-    to w_i w_i^T whatever the residuals: a_ij = (w_i . w_j)^2 / (|w_i|^2 |w_j|^2), by hand."""
+    to w_i w_i^T and its diagonal to w_i ** 2 whatever the residuals: by hand, a_ij is the mean of
+    (w_i . w_j)^2 / (|w_i|^2 |w_j|^2) (directions) and cos(w_i ** 2, w_j ** 2) (coordinates). Tasks 0 and 3
+    read the same two inputs in orthogonal directions: only the coordinates view sees them alike."""
     torch.manual_seed(0)
-    w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 1.0]])
-    tasks = [Task(f"t{i}", "regression") for i in range(3)]
+    w = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 1.0], [1.0, -1.0, 0.0, 0.0]])
+    tasks = [Task(f"t{i}", "regression") for i in range(4)]
     x = torch.randn(16, 4)
-    y = {f"t{i}": torch.randn(16, 1) for i in range(3)}
+    y = {f"t{i}": torch.randn(16, 1) for i in range(4)}
     model = _Linear(w)
-    aff = AttributionAffinity(3, decay=0.5, samples=12)
+    aff = AttributionAffinity(4, decay=0.5, samples=12)
     aff.measure(model, x, y, tasks)
-    wn = F.normalize(w, dim=1)
-    expected = (wn @ wn.T).square().double()
-    assert torch.allclose(aff.matrix(), expected.float(), atol=1e-6)
+    wn, w2 = F.normalize(w, dim=1), F.normalize(w.square(), dim=1)
+    expected = ((wn @ wn.T).square() + w2 @ w2.T) / 2
+    assert torch.allclose(aff.matrix(), expected, atol=1e-6)
+    assert aff.matrix()[0, 3] == pytest.approx(0.5, abs=1e-6)  # directions 0, coordinates 1
     assert model.w.grad is None and model.training  # parameters' grads untouched, train mode restored
 
 
@@ -71,19 +74,36 @@ def test_dmtg_model_is_read_through_every_branch_without_side_effects():
 
 
 def test_pull_moves_a_task_towards_the_branch_of_the_tasks_it_is_closer_to():
-    """pull_loss by hand: C centred per row over the other tasks, scaled to mean |C| = 1; the gradient on
-    S_0 raises the branch of task 1 (its close task) and lowers the branch of task 2."""
+    """pull_loss by hand: C centred per row over the other tasks, scaled to mean |C| = 1, averaged over each
+    branch's other members; the gradient on S_0 raises the branch of task 1 (its close task) and lowers the
+    branch of task 2."""
     a = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]])
     S = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 2.0]], requires_grad=True)  # task 0 sits with task 2
     p = torch.softmax(S, dim=1)
     loss = pull_loss(p, a, 3.0)
     C = torch.tensor([[0.0, 0.4, -0.4], [0.4, 0.0, -0.4], [0.0, 0.0, 0.0]])
     C = C / (C.abs().sum() / 6)
-    A = C @ p.detach() / 2
-    assert torch.allclose(loss, -3.0 * (p * A).sum())
+    q = p.detach()
+    others = (q.sum(0, keepdim=True) - q).clamp_min(1.0)
+    assert torch.allclose(loss, -3.0 * (p * (C @ q / others)).sum())
     loss.backward()
     assert S.grad[0, 0] < 0 < S.grad[0, 1]  # descent raises S_00: task 0 moves towards task 1
     assert torch.allclose(pull_loss(torch.ones(1, 2) / 2, torch.ones(1, 1), 1.0), torch.tensor(0.0))
+
+
+def test_pull_compares_branches_by_their_members_mean_not_their_sum():
+    """Task 0 is close to task 1 (alone on branch 0), a little closer than average to tasks 2-4 (together on
+    branch 1) and far from task 5 (branch 2). Row 0 centred: C_01 = 0.9 - 0.68 = 0.22, C_0j = 0.8 - 0.68 = 0.12
+    for j = 2..4: summed over members branch 1 would win (0.36 > 0.22); averaged, branch 0 does, so several
+    loosely related tasks do not draw a task from its close mate (nor two such groups merge)."""
+    a = torch.full((6, 6), 0.5).fill_diagonal_(1.0)
+    a[0, 1] = a[1, 0] = 0.9
+    a[0, 2:5] = a[2:5, 0] = 0.8
+    a[0, 5] = a[5, 0] = 0.1
+    p = torch.tensor([[1 / 3] * 3, [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0]],
+                     requires_grad=True)
+    pull_loss(p, a, 1.0).backward()
+    assert p.grad[0, 0] < p.grad[0, 1] < 0  # descent raises task 0's weight on branch 0 the most
 
 
 def test_objective_measures_and_resumes_the_affinity():
@@ -105,6 +125,7 @@ def test_objective_measures_and_resumes_the_affinity():
 def test_attribution_recipe_and_bad_options():
     opts = DMTGOptions(recipe="attribution")
     assert opts.init == "noisy" and opts.attribution_weight == 20.0  # no label statistics
+    assert opts.warmup == "uniform" and opts.select_converged and opts.rewind
     assert DMTGOptions().attribution_weight == 0.0  # opt-in on the default recipe
     for key, value in (("attribution_weight", -1), ("attribution_every", 0), ("attribution_samples", 0),
                        ("attribution_decay", 1.0)):

@@ -171,3 +171,48 @@ def test_mates_pull_moves_a_task_towards_the_branch_whose_tasks_agree_with_it():
     expected = -2.0 * p * (pull - (p * pull).sum(dim=1, keepdim=True))
     assert torch.allclose(model.S.grad, expected, atol=1e-7)
     assert model.S.grad[0, 0] < 0 < model.S.grad[0, 1]  # descent raises S_00: task 0 moves towards task 1
+
+
+def test_uniform_warmup_trains_every_head_alike_whatever_the_start():
+    """``warmup=uniform``: while S is held, task i's loss is the mean of its K heads' losses, the same for
+    any S (so the branches' warm-up does not depend on the start); every head's branch gets its gradient."""
+    data = small_data()
+    x, y = data.train[list(range(16))]
+    for s in (torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]), torch.zeros(4, 2)):
+        model = small_model(data, s=s)
+        obj = DMTGObjective(data.tasks, DMTGOptions(warmup="uniform", s_warmup_epochs=1))
+        obj.on_epoch_start(0, model)
+        preds, _ = model.forward_heads(x)
+        out = obj(model, x, y)
+        for i, t in enumerate(data.task_names):
+            expected = sum(data.task(t).loss(preds[(k, t)], y[t]) for k in range(2)) / 2
+            assert out.losses[t].item() == pytest.approx(expected.item(), rel=1e-6)
+        sum(out.losses.values()).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.branches.parameters())
+
+
+def test_select_converged_holds_epochs_until_s_has_converged_then_rewinds_keeping_s():
+    """With ``select_converged`` every epoch before S's rows have settled (one live head per task) is held back
+    from selection; at convergence ``rewind`` asks for the best epoch's weights, and S, the live heads and
+    the pruning counters are put back at the next epoch's start, so S keeps what it learned."""
+    data = small_data()
+    model = small_model(data, s=torch.tensor([[8.0, 0.0], [8.0, 0.0], [0.0, 8.0], [0.0, 8.0]]))
+    opts = DMTGOptions(s_warmup_epochs=0, select_converged=True, rewind=True, prune_patience=2)
+    obj = DMTGObjective(data.tasks, opts, epochs=10)
+    obj.on_epoch_start(0, model)
+    first = obj.on_epoch_end(0, model)
+    assert first["selectable"] is False and "rewind" not in first and first["live_heads"] == 8
+    obj.on_epoch_start(1, model)
+    second = obj.on_epoch_end(1, model)  # two epochs below the threshold: the other heads are pruned
+    assert second["selectable"] is False and second["rewind"] is True and second["live_heads"] == 4
+    learned = model.S.detach().clone()
+    with torch.no_grad():  # what the trainer's rewind does: the best epoch's state, S and live heads included
+        model.S.zero_()
+        model.live.fill_(True)
+    obj.on_epoch_start(2, model)
+    assert torch.equal(model.S.detach(), learned) and int(model.live.sum()) == 4
+    third = obj.on_epoch_end(2, model)
+    assert "selectable" not in third and "rewind" not in third and obj.converged_at == 1
+    again = DMTGObjective(data.tasks, opts, epochs=10)
+    again.load_state_dict(obj.state_dict())
+    assert again.converged_at == 1

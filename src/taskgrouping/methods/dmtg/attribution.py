@@ -2,27 +2,29 @@
 DMTG model while it trains, and the pull it gives S.
 
 Task i's attribution on sample s is g_i(s) = dL_i(s)/dx_s, the gradient of its loss w.r.t. the input,
-read through every branch of the DMTG model (its head there, trained or probe). Tasks that depend on
-the same input directions (the same image region, the same subspace of a feature vector) have
-attributions in the same subspace, whichever
+read through every branch of the DMTG model (its head there). Tasks that depend on the same inputs
+(the same image region, the same subspace of a feature vector) have attributions there, whichever
 branch serves them and whether or not their labels correlate; cf. Song et al. (NeurIPS 2019), who
-compare attribution maps to predict transferability between tasks. The affinity is the cosine of
-the tasks' attribution second moments M_i = E[g_i g_i^T]:
+compare attribution maps to predict transferability between tasks. Two views of "the same inputs"
+are averaged:
 
-    a_ij = <M_i, M_j>_F / (|M_i|_F |M_j|_F),   <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2
+* directions: the cosine of the attribution second moments M_i = E[g_i g_i^T],
+  <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2 (G_i: the n x d attributions of a batch; sign-free). It sees
+  tasks that read one subspace of a feature vector, not aligned with its coordinates;
+* coordinates: the cosine of the per-coordinate energies e_i = E[g_i ** 2] (the diagonal of M_i, a
+  saliency map). It sees tasks that read the same pixels in different ways (a digit's mask and its
+  edges), where the direction view is dominated by how each task reads them.
 
-(G_i: the n x d attributions of a batch; sign-free, so a task's residual sign does not matter), with
-the inner products summed over branches and averaged over measurements. Once S starts to learn,
-the pull uses the mean of that running affinity and the one at the end of the warm-up (measured
-before S's moves shaped the branches). Unlike S's own-loss gradient, it does not
-favour the branch that has adapted to a task, so a misplaced task can leave its branch.
+Both are summed over branches and averaged over measurements. Once S starts to learn, the pull uses
+the mean of that running affinity and the one at the end of the warm-up.
 
 The pull on S is a soft clustering objective: with C = a centred per row over the other tasks and
 scaled to mean |C_ij| = 1 (so that the weight means the same on every dataset),
-A_ik = sum_j C_ij p_jk / (N - 1) rewards task i for sharing a branch with tasks it is closer to than
-average and penalises the rest; the loss -weight * sum_ik p_ik A_ik (A held fixed) moves S_i towards
-the branches with the highest A_ik. Empty branches give A = 0, so a task surrounded by unlike tasks
-can split off.
+A_ik = sum_{j != i} C_ij p_jk / max(1, sum_{j != i} p_jk) is task i's mean centred affinity to the
+other members of branch k; the loss -weight * sum_ik p_ik A_ik (A held fixed) moves S_i towards the
+branch whose members are closest to task i. The mean (not the sum) keeps two groups from merging
+into one branch because their cross affinity is slightly above a row's average; empty branches
+give A = 0, so a task unlike every branch's members can split off.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taskgrouping.balancing.task_gradients import task_gradients
@@ -53,15 +56,18 @@ class AttributionAffinity:
         self.decay = float(decay)
         self.samples = int(samples)
         self.measured = 0
+        self.energy: Tensor | None = None  # N x d running mean of the per-coordinate attribution energy
         self.warm: Tensor | None = None  # the affinity at the end of the warm-up (see :meth:`keep_warm`)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.tolist(), "measured": self.measured,
+                "energy": None if self.energy is None else self.energy.tolist(),
                 "warm": None if self.warm is None else self.warm.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner = torch.tensor(state["inner"], dtype=torch.float64)
         self.measured = int(state["measured"])
+        self.energy = None if state.get("energy") is None else torch.tensor(state["energy"], dtype=torch.float64)
         self.warm = None if state.get("warm") is None else torch.tensor(state["warm"])
 
     def keep_warm(self) -> None:
@@ -85,6 +91,7 @@ class AttributionAffinity:
         xs = x[:n].detach().requires_grad_(True)
         index = {t.name: i for i, t in enumerate(tasks)}
         inner = torch.zeros_like(self.inner)
+        energy = None
         was_training = model.training
         model.eval()
         try:
@@ -102,11 +109,16 @@ class AttributionAffinity:
                 block = torch.einsum("isd,jtd->ijst", G, G).square().sum(dim=(2, 3)).cpu() / n ** 2
                 sel = torch.tensor([index[t] for t in losses])
                 inner[sel[:, None], sel[None, :]] += block
+                if energy is None:
+                    energy = torch.zeros(len(tasks), G.shape[2], dtype=torch.float64)
+                energy[sel] += G.square().mean(1).cpu()
         finally:
             model.train(was_training)
         self.measured += 1
         keep = min(self.decay, 1 - 1 / self.measured)
         self.inner = keep * self.inner + (1 - keep) * inner
+        if energy is not None:
+            self.energy = energy if self.energy is None else keep * self.energy + (1 - keep) * energy
 
     def cosines(self) -> Tensor:
         """The running affinity a (N x N, ones on the diagonal; a task without attribution yet has
@@ -114,6 +126,9 @@ class AttributionAffinity:
         d = self.inner.diag().clamp_min(0).sqrt()
         scale = d[:, None] * d[None, :]
         a = torch.where(scale > 0, self.inner / scale.clamp_min(1e-300), torch.zeros_like(self.inner))
+        if self.energy is not None:  # the coordinates view, averaged with the directions view
+            e = F.normalize(self.energy, dim=1)
+            a = (a + e @ e.T) / 2
         return a.fill_diagonal_(1.0).float()
 
     def matrix(self) -> Tensor:
@@ -132,9 +147,9 @@ def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str
 
 
 def pull_loss(p: Tensor, affinity: Tensor, weight: float) -> Tensor:
-    """-weight * sum_ik p_ik A_ik with A_ik = sum_{j != i} C_ij p_jk / (N - 1), C the affinity centred
-    per row over the other tasks and scaled to mean |C_ij| = 1 (A and p_jk held fixed): its gradient moves
-    S_i towards the branches whose tasks are closer to task i than its average task."""
+    """-weight * sum_ik p_ik A_ik with A_ik = sum_{j != i} C_ij p_jk / max(1, sum_{j != i} p_jk), C the
+    affinity centred per row over the other tasks and scaled to mean |C_ij| = 1 (A and p_jk held fixed): its
+    gradient moves S_i towards the branch whose other members are, on average, closest to task i."""
     n = p.shape[0]
     if n < 2:
         return p.sum() * 0.0
@@ -143,6 +158,7 @@ def pull_loss(p: Tensor, affinity: Tensor, weight: float) -> Tensor:
     centred = torch.where(off, a - (a * off).sum(1, keepdim=True) / (n - 1), torch.zeros_like(a))
     centred = centred / centred.abs().sum().div(n * (n - 1)).clamp_min(1e-12)  # mean |C_ij| = 1: unit-free
     member = p.detach()
-    pull = centred @ member / (n - 1)
+    others = (member.sum(0, keepdim=True) - member).clamp_min(1.0)  # branch k's members besides task i
+    pull = centred @ member / others
     return -float(weight) * (p * pull).sum()
 

@@ -114,7 +114,7 @@ def dmtg(ctx: MethodContext) -> MethodResult:
         "recipe": opts.recipe, "options": options_record(opts, init_used), "best_epoch": result.best_epoch,
         "assignment_probs": model.probabilities().tolist(), "S": model.S.detach().tolist(),
         "live_heads_final": int(model.live.sum()), "live_heads_history": [h["live_heads"] for h in history],
-        "dmtg_history": history, "warm_start_seconds": warm_seconds,
+        "dmtg_history": history, "warm_start_seconds": warm_seconds, "s_converged_epoch": objective.converged_at,
         "affinity_prior": affinity.tolist() if affinity is not None else None,
         "one_shot": opts.finetune_epochs == 0,
     }

@@ -7,10 +7,15 @@ Weights and S train together. Beyond the paper: ``samples`` Gumbel draws per ste
 S fixed while the branches specialise (``warmup="probe"``: each branch learns only from the heads S
 assigns to it, the others fit linear probes on detached features, weighed by softmax(S / tau), so the
 branches train exactly as the initial grouping would and L_ik is a fair measure once S learns;
-``"softmax"`` lets every head train its branch, ``"gumbel"`` also draws Z, as the paper does); head
-pruning once a task's row of S has converged; and the opt-in ``mates_weight`` pull of S_i towards the
-branches whose tasks' gradients agree with task i's, an effect that S's own-loss gradient cannot see
-(recovery rates: ``benchmarks/results/dmtg_learning*.md``).
+``"softmax"`` lets every head train its branch, ``"gumbel"`` also draws Z, as the paper does;
+``"uniform"`` trains every head on its branch with weight 1/K, so the branches learn every task whatever
+the start and the attribution affinity measured meanwhile does not echo the start); head pruning once a
+task's row of S has converged; ``select_converged`` (the result is chosen among the epochs after S has
+converged, so early stopping cannot end S's learning; with ``rewind`` training then continues from the
+best epoch's weights with S's learned assignment); the ``attribution_weight`` pull of S towards branches
+whose tasks read the same inputs (:mod:`taskgrouping.methods.dmtg.attribution`); and the opt-in
+``mates_weight`` pull of S_i towards the branches whose tasks' gradients agree with task i's, effects
+that S's own-loss gradient cannot see (recovery rates: ``benchmarks/results/dmtg_learning*.md``).
 """
 
 from __future__ import annotations
@@ -46,18 +51,21 @@ class DMTGObjective(ObjectiveBase):
         self.warming_up = int(opts.s_warmup_epochs) > 0
         self.mates: Tensor | None = None  # K x N x N running cosines of the tasks' gradients on each branch
         self.calls = self.measured = 0
+        self.converged_at: int | None = None  # the epoch S converged (with select_converged)
+        self.learned: dict[str, Any] | None = None  # S, live, low_epochs to restore after a rewind
         self.attribution = (AttributionAffinity(len(tasks), float(opts.attribution_decay),
                                                 int(opts.attribution_samples))
                             if float(opts.attribution_weight) else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mates": None if self.mates is None else self.mates.tolist(), "calls": self.calls,
-                "measured": self.measured,
+                "measured": self.measured, "converged_at": self.converged_at, "learned": self.learned,
                 "attribution": None if self.attribution is None else self.attribution.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mates = None if state.get("mates") is None else torch.tensor(state["mates"])
         self.calls, self.measured = int(state.get("calls", 0)), int(state.get("measured", 0))
+        self.converged_at, self.learned = state.get("converged_at"), state.get("learned")
         if self.attribution is not None and state.get("attribution") is not None:
             self.attribution.load_state_dict(state["attribution"])
 
@@ -112,13 +120,20 @@ class DMTGObjective(ObjectiveBase):
         # S stays fixed while the branches first specialise under the initial assignment
         self.warming_up = epoch < int(self.opts.s_warmup_epochs)
         model.S.requires_grad_(not self.warming_up)
+        if self.learned is not None:  # after a rewind at convergence: S's learned state, the older weights
+            with torch.no_grad():
+                for name, value in self.learned.items():
+                    getattr(model, name).copy_(torch.tensor(value, dtype=getattr(model, name).dtype))
+            self.learned = None
 
     def __call__(self, model: DMTGModel, x: Tensor, targets: dict[str, Tensor]) -> StepOutput:
         names = model.task_names
         mode = self.opts.warmup if self.warming_up else "gumbel"
         head_loss, feats = model.head_losses(x, targets, [self.tasks[t] for t in names], probe=mode == "probe")
         logits = model.masked_logits()
-        if mode != "gumbel":
+        if mode == "uniform":  # every head trains its branch alike: the warm-up does not depend on the start
+            per_task = head_loss.mean(dim=1)
+        elif mode != "gumbel":
             per_task = (F.softmax(logits / self.tau, dim=1) * head_loss).sum(dim=1)
         else:
             z = torch.zeros_like(logits)
@@ -150,6 +165,14 @@ class DMTGObjective(ObjectiveBase):
                     extra = pull if extra is None else extra + pull
         return StepOutput({t: per_task[i] for i, t in enumerate(names)}, feats, extra)
 
+    def converged(self, model: DMTGModel) -> bool:
+        """Whether every task's row of S has settled on one branch: one live head left with head pruning,
+        else the other branches' probabilities below ``prune_threshold``."""
+        if self.opts.head_pruning:
+            return bool((model.live.sum(dim=0) <= 1).all())
+        p = model.probabilities()
+        return bool((1 - p.max(dim=1).values < float(self.opts.prune_threshold)).all())
+
     @torch.no_grad()
     def on_epoch_end(self, epoch: int, model: DMTGModel) -> dict[str, Any]:
         if self.opts.head_pruning and epoch >= int(self.opts.s_warmup_epochs):
@@ -165,7 +188,14 @@ class DMTGObjective(ObjectiveBase):
         facts: dict[str, Any] = {}
         if self.warming_up and self.epochs is not None and int(self.opts.s_warmup_epochs) < self.epochs:
             facts["selectable"] = False  # S has not learned yet: the weights of the start, not DMTG's result
-            if self.opts.rewind and epoch == int(self.opts.s_warmup_epochs) - 1:
+        elif self.opts.select_converged and self.converged_at is None:
+            if self.converged(model):
+                self.converged_at = epoch
+                if self.opts.rewind:  # continue from the best epoch's weights with S's learned assignment
+                    facts["rewind"] = True
+                    self.learned = {n: getattr(model, n).detach().cpu().tolist() for n in ("S", "live", "low_epochs")}
+            facts["selectable"] = False  # S is still learning: early stopping must not end it
+            if self.opts.rewind and not self.opts.select_converged and epoch == int(self.opts.s_warmup_epochs) - 1:
                 facts["rewind"] = True  # S starts learning from the best held epoch's weights
         if self.attribution is not None:
             facts["attribution_affinity"] = self.attribution.matrix().tolist()

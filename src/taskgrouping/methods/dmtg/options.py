@@ -24,27 +24,34 @@ RECIPES: dict[str, dict[str, Any]] = {
     # one optimiser for weights and S, intended gradient scaling 1/sqrt(K) into branches, 1/sqrt(N) into heads.
     "paper": dict(warm_start=True, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                   grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
-                  s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0),
+                  s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
+                  select_converged=False, rewind=False),
     # The released configs: no warm start, 1/sqrt(K) applied to branches and heads (their code's bug).
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                        grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
-                       s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0),
+                       s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
+                  select_converged=False, rewind=False),
     # Ours: a label prior held fixed while the branches specialise, then S learned faster, with several
     # Gumbel draws per step, and collapsed heads pruned.
     "robust": dict(warm_start=False, init="auto", tau=1.0, tau_schedule="constant", s_lr=0.05,
                    grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
-                   s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=0.0),
-    # Ours, learned from training signals only: a small random start (no label statistics) and S pulled
-    # towards the branches whose tasks read the same inputs (methods/dmtg/attribution.py), besides its
-    # own-loss gradient. Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
+                   s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=0.0,
+                   select_converged=False, rewind=False),
+    # Ours, learned from training signals only: a small random start (no label statistics); for the first
+    # fifth of the run every task trains every branch alike (so nothing depends on the start) while the
+    # tasks' input-attribution affinity is measured; then S is pulled towards the branches whose tasks read
+    # the same inputs (methods/dmtg/attribution.py), besides its own-loss gradient; the result is chosen
+    # after S has converged, training on from the best epoch's weights with S's assignment.
+    # Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
     "attribution": dict(warm_start=False, init="noisy", tau=1.0, tau_schedule="constant", s_lr=0.05,
                         grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
-                        s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=20.0),
+                        s_warmup_epochs=3, s_warmup_fraction=0.2, warmup="uniform", attribution_weight=20.0,
+                        select_converged=True, rewind=True),
 }
 #: how S is initialised (``auto``: ``labels`` where the label prior is defined, else ``noisy``)
 INITS = ("auto", "uniform", "noisy", "prior", "affinity", "labels")
 #: how the weights train while S is held fixed (see :mod:`taskgrouping.methods.dmtg.objective`)
-WARMUP_MODES = ("probe", "softmax", "gumbel")
+WARMUP_MODES = ("probe", "softmax", "gumbel", "uniform")
 #: how gradients into branches and heads are scaled (see :mod:`taskgrouping.methods.dmtg.model`)
 GRAD_SCALINGS = ("none", "intended", "authors_code")
 
@@ -66,7 +73,10 @@ class DMTGOptions(MethodOptions):
     ``tau_start`` by ``tau_decay`` per epoch down to ``tau_end``), ``s_lr`` (S's learning rate; ``None``:
     the weights'), ``grad_scaling``, ``hard`` (straight-through draws), ``samples`` (Gumbel draws per step),
     ``entropy_weight``, ``head_pruning``, ``s_warmup_epochs`` (epochs S is held fixed; or
-    ``s_warmup_fraction`` of the run's epochs) and ``warmup``.
+    ``s_warmup_fraction`` of the run's epochs), ``warmup`` (how the weights train meanwhile),
+    ``attribution_weight``, ``select_converged`` (the result is chosen only after S has converged, so early
+    stopping cannot end S's learning) and ``rewind`` (continue from the best epoch's weights when S starts
+    learning, or, with ``select_converged``, once it has converged, keeping S's learned assignment).
     Values are resolved on creation: ``dataclasses.replace(opts, recipe=...)`` keeps the old recipe's.
     """
 
@@ -92,7 +102,8 @@ class DMTGOptions(MethodOptions):
     warm_epochs: int | None = None  # warm start from a naive-MTL run this short (None: the run's converged one)
     s_warmup_epochs: int | None = None
     s_warmup_fraction: float | None = None  # > 0: S is held for round(fraction x train.epochs) epochs instead
-    rewind: bool = False  # S starts learning from the weights of the best validation epoch of its hold
+    rewind: bool | None = None  # continue from the best epoch's weights when S starts learning (or has converged)
+    select_converged: bool | None = None  # the result is chosen among epochs after S has converged
     warmup: str | None = None
     affinity_batches: int = 20  # training batches of the gradient-affinity prior (init=affinity)
     finetune_epochs: int = 0  # epochs to fine-tune the pruned model (0: one-shot)
@@ -113,7 +124,7 @@ class DMTGOptions(MethodOptions):
         for f in dataclasses.fields(self):  # an explicit null means "the recipe's value, else the default"
             if getattr(self, f.name) is None:
                 object.__setattr__(self, f.name, recipe.get(f.name, f.default))
-        for key in ("warm_start", "hard", "head_pruning", "rewind"):
+        for key in ("warm_start", "hard", "head_pruning", "rewind", "select_converged"):
             _flag(key, getattr(self, key))
         _one_of("init", self.init, INITS)
         _one_of("tau_schedule", self.tau_schedule, ("constant", "exponential"))
