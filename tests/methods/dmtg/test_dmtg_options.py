@@ -14,7 +14,7 @@ from taskgrouping.methods.dmtg import RECIPES, DMTGOptions, dmtg
     (5, {}, "1 <= K <= number of tasks"), (0, {}, "1 <= K"), (2, {"tau": 0}, "dmtg.tau must be a finite number > 0"),
     (2, {"tau": -1.0}, "dmtg.tau"), (2, {"init": "prior", "prior": [[0.0, 1.0]] * 3}, "N x K = 4 x 2"),
     (2, {"recipe": "magic"}, "dmtg.recipe"), (2, {"bogus": 1}, "unknown config key dmtg.bogus"),
-    (2, {"warmup": "noisy"}, r"dmtg.warmup must be one of probe \| softmax \| gumbel, got 'noisy'"),
+    (2, {"warmup": "noisy"}, r"dmtg.warmup must be one of probe \| softmax \| gumbel \| uniform, got 'noisy'"),
 ])
 def test_bad_options(K, options, msg):
     with pytest.raises(ValueError, match=msg):
