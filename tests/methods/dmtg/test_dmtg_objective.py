@@ -216,3 +216,30 @@ def test_select_converged_holds_epochs_until_s_has_converged_then_rewinds_keepin
     again = DMTGObjective(data.tasks, opts, epochs=10)
     again.load_state_dict(obj.state_dict())
     assert again.converged_at == 1
+
+
+@pytest.mark.parametrize("rewind, epochs, converged_selectable", [(False, 10, True), (True, 2, True), (True, 10, False)])
+def test_the_epoch_s_converges_is_selected_unless_training_rewinds_after_it(rewind, epochs, converged_selectable):
+    """Without ``rewind`` (or when it converges in the run's last epoch, with nothing left to train) the epoch S
+    converged is the first one selected; with ``rewind`` and epochs left it stays held and training continues."""
+    data = small_data()
+    model = small_model(data, s=torch.tensor([[8.0, 0.0], [8.0, 0.0], [0.0, 8.0], [0.0, 8.0]]))
+    opts = DMTGOptions(s_warmup_epochs=0, select_converged=True, rewind=rewind, prune_patience=2)
+    obj = DMTGObjective(data.tasks, opts, epochs=epochs)
+    obj.on_epoch_start(0, model)
+    assert obj.on_epoch_end(0, model)["selectable"] is False
+    facts = obj.on_epoch_end(1, model)
+    assert obj.converged_at == 1 and ("selectable" not in facts) is converged_selectable
+    assert facts.get("rewind", False) is (not converged_selectable)
+
+
+def test_rewind_without_select_converged_comes_at_the_end_of_the_hold():
+    data = small_data()
+    model = small_model(data)
+    obj = DMTGObjective(data.tasks, DMTGOptions(s_warmup_epochs=2, rewind=True), epochs=10)
+    facts = []
+    for epoch in range(3):
+        obj.on_epoch_start(epoch, model)
+        facts.append(obj.on_epoch_end(epoch, model))
+    assert [f.get("selectable", True) for f in facts] == [False, False, True]
+    assert [f.get("rewind", False) for f in facts] == [False, True, False]

@@ -188,15 +188,19 @@ class DMTGObjective(ObjectiveBase):
         facts: dict[str, Any] = {}
         if self.warming_up and self.epochs is not None and int(self.opts.s_warmup_epochs) < self.epochs:
             facts["selectable"] = False  # S has not learned yet: the weights of the start, not DMTG's result
+            if self.opts.rewind and not self.opts.select_converged and epoch == int(self.opts.s_warmup_epochs) - 1:
+                facts["rewind"] = True  # S starts learning from the best held epoch's weights
         elif self.opts.select_converged and self.converged_at is None:
             if self.converged(model):
                 self.converged_at = epoch
-                if self.opts.rewind:  # continue from the best epoch's weights with S's learned assignment
-                    facts["rewind"] = True
-                    self.learned = {n: getattr(model, n).detach().cpu().tolist() for n in ("S", "live", "low_epochs")}
-            facts["selectable"] = False  # S is still learning: early stopping must not end it
-            if self.opts.rewind and not self.opts.select_converged and epoch == int(self.opts.s_warmup_epochs) - 1:
-                facts["rewind"] = True  # S starts learning from the best held epoch's weights
+            # with epochs left, training continues from the best epoch's weights with S's learned assignment
+            rewind = (self.converged_at is not None and self.opts.rewind
+                      and (self.epochs is None or epoch < self.epochs - 1))
+            if self.converged_at is None or rewind:
+                facts["selectable"] = False  # S is still learning: early stopping must not end it
+            if rewind:
+                facts["rewind"] = True
+                self.learned = {n: getattr(model, n).detach().cpu().tolist() for n in ("S", "live", "low_epochs")}
         if self.attribution is not None:
             facts["attribution_affinity"] = self.attribution.matrix().tolist()
         return {**facts, "tau": self.tau, "assignment_probs": model.probabilities().tolist(),

@@ -30,7 +30,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                        grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
                        s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
-                  select_converged=False, rewind=False),
+                       select_converged=False, rewind=False),
     # Ours: a label prior held fixed while the branches specialise, then S learned faster, with several
     # Gumbel draws per step, and collapsed heads pruned.
     "robust": dict(warm_start=False, init="auto", tau=1.0, tau_schedule="constant", s_lr=0.05,
@@ -38,14 +38,14 @@ RECIPES: dict[str, dict[str, Any]] = {
                    s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=0.0,
                    select_converged=False, rewind=False),
     # Ours, learned from training signals only: a small random start (no label statistics); for the first
-    # fifth of the run every task trains every branch alike (so nothing depends on the start) while the
+    # 40 % of the run every task trains every branch alike (so nothing depends on the start) while the
     # tasks' input-attribution affinity is measured; then S is pulled towards the branches whose tasks read
     # the same inputs (methods/dmtg/attribution.py), besides its own-loss gradient; the result is chosen
     # after S has converged, training on from the best epoch's weights with S's assignment.
     # Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
     "attribution": dict(warm_start=False, init="noisy", tau=1.0, tau_schedule="constant", s_lr=0.05,
                         grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
-                        s_warmup_epochs=3, s_warmup_fraction=0.2, warmup="uniform", attribution_weight=20.0,
+                        s_warmup_epochs=3, s_warmup_fraction=0.4, warmup="uniform", attribution_weight=20.0,
                         select_converged=True, rewind=True),
 }
 #: how S is initialised (``auto``: ``labels`` where the label prior is defined, else ``noisy``)
