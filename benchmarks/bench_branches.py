@@ -302,8 +302,6 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-
-
 def markdown(result: dict) -> str:
     s, per = result["setup"], result["by_mode"]
     dev = s["device"]

@@ -58,6 +58,7 @@ class AttributionAffinity:
         self.measured = 0
         self.energy: Tensor | None = None  # N x d running mean of the per-coordinate attribution energy
         self.warm: Tensor | None = None  # the affinity at the end of the warm-up (see :meth:`keep_warm`)
+        self._matrix: Tensor | None = None  # :meth:`matrix`, until the next measurement (read every step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.tolist(), "measured": self.measured,
@@ -69,6 +70,7 @@ class AttributionAffinity:
         self.measured = int(state["measured"])
         self.energy = None if state.get("energy") is None else torch.tensor(state["energy"], dtype=torch.float64)
         self.warm = None if state.get("warm") is None else torch.tensor(state["warm"])
+        self._matrix = None
 
     def keep_warm(self) -> None:
         """Keep the current affinity (called once, when S starts to learn). It was measured while the
@@ -77,6 +79,7 @@ class AttributionAffinity:
         multimnist_dense it does), so :meth:`matrix` averages the two."""
         if self.warm is None:
             self.warm = self.cosines()
+            self._matrix = None
 
     def measure(self, model: nn.Module, x: Tensor, targets: dict[str, Tensor], tasks: list[Task]) -> None:
         """One measurement on the first ``samples`` rows of a batch, with ``model`` in eval mode (no
@@ -119,6 +122,7 @@ class AttributionAffinity:
         self.inner = keep * self.inner + (1 - keep) * inner
         if energy is not None:
             self.energy = energy if self.energy is None else keep * self.energy + (1 - keep) * energy
+        self._matrix = None
 
     def cosines(self) -> Tensor:
         """The running affinity a (N x N, ones on the diagonal; a task without attribution yet has
@@ -133,8 +137,10 @@ class AttributionAffinity:
 
     def matrix(self) -> Tensor:
         """The affinity the pull uses: the running one, averaged with the warm-up's once it is kept."""
-        a = self.cosines()
-        return a if self.warm is None else (a + self.warm) / 2
+        if self._matrix is None:
+            a = self.cosines()
+            self._matrix = a if self.warm is None else (a + self.warm) / 2
+        return self._matrix
 
 
 def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str]] | None]:
