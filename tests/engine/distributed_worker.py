@@ -25,6 +25,9 @@ EXPERIMENTS = {
     "pcgrad": ["balancer.name=pcgrad"],
     "uw": ["balancer.name=uw"],
     "pcgrad_feature": ["balancer.name=pcgrad", "balancer.options.feature_level=true"],
+    # the attribution pull measured on more rows than a rank's slice holds: gathered from both ranks
+    "attribution": ["dmtg.recipe=attribution", "dmtg.attribution_samples=200", "dmtg.attribution_every=1",
+                    "train.epochs=2"],
     "other_methods": ["methods=[single_task,random,label_clusters,cross_stitch,mtan,interrogate]"],
 }
 #: every balancer at parameter level, the gradient methods at feature level, two with batch-summed features

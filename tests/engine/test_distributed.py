@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: two ranks (gloo, CPU) give the numbers one process gives
 on the same global batches - every balancer at every level, the issue's digits experiments (naive MTL
-and DMTG with PCGrad, UW and feature-level PCGrad; the other methods that may run distributed, with
-EW), DMTG's Gumbel draws, resumed trainings - and
+and DMTG with PCGrad, UW and feature-level PCGrad; DMTG's attribution pull measured on rows gathered
+from both ranks; the other methods that may run distributed, with EW), DMTG's Gumbel draws, resumed trainings - and
 rank 0 alone writes. Plus the pieces: the sharded sampler against torch's one-process order, label
 counts against the tasks' own losses, merged meters against one pass, the refusals, the GPU-path
 options on CPU.

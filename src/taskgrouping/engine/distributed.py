@@ -273,11 +273,10 @@ def check_config(config: Mapping[str, Any]) -> None:
 
         available_methods()
         opts = method_options("dmtg", config.get("dmtg"))
-        for key in ("mates_weight", "attribution_weight"):
-            if float(getattr(opts, key, 0.0) or 0.0):
-                raise ValueError(f"{where}: dmtg.{key}={getattr(opts, key)!r} measures task gradients on each rank's "
-                                 "slice of the batch, which the ranks would disagree on; set it to 0 or run in "
-                                 "one process")
+        if float(opts.mates_weight):
+            raise ValueError(f"{where}: dmtg.mates_weight={opts.mates_weight!r} measures task gradients on each "
+                             "rank's slice of the batch, which the ranks would disagree on; set it to 0 or run in "
+                             "one process")
     balancer = (config.get("balancer") or {}).get("name", "ew")
     from taskgrouping.balancing.base import BALANCERS
     from taskgrouping.registry import import_modules

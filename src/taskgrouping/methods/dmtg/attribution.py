@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taskgrouping.balancing.task_gradients import task_gradients
+from taskgrouping.engine.distributed import Ranks
 from taskgrouping.tasks import Task
 
-__all__ = ["AttributionAffinity", "branch_views", "pull_loss"]
+__all__ = ["AttributionAffinity", "branch_views", "global_rows", "pull_loss"]
 
 
 class AttributionAffinity:
@@ -89,9 +90,18 @@ class AttributionAffinity:
         On a DMTG model every branch is read by all its live heads (probes included) and the inner
         products are summed over the branches: a misplaced task's attribution through its own branch
         mimics that branch's features, through the others it does not, so the affinity does not merely
-        echo which tasks share a branch now."""
-        n = min(self.samples, x.shape[0])
-        xs = x[:n].detach().requires_grad_(True)
+        echo which tasks share a branch now.
+
+        Under ``torchrun`` the rows are the first ``samples`` of the global batch, gathered from the
+        ranks' slices, and rank 0's measurement is every rank's: the one-process measurement, whatever
+        each rank's batch-norm statistics."""
+        if not x.is_floating_point():
+            raise ValueError(f"dmtg.attribution_weight differentiates the task losses w.r.t. the inputs, which are "
+                             f"{x.dtype}; expected floating-point inputs (or set dmtg.attribution_weight=0)")
+        ranks = Ranks.current()
+        x, targets = global_rows(ranks, x, targets, self.samples)
+        n = x.shape[0]
+        xs = x.detach().requires_grad_(True)
         index = {t.name: i for i, t in enumerate(tasks)}
         inner = torch.zeros_like(self.inner)
         energy = None
@@ -105,7 +115,7 @@ class AttributionAffinity:
                     else:
                         preds, _ = model.forward_heads(xs, keys)
                         named = {t: pred for (_, t), pred in preds.items()}
-                    losses = {t: tasks[index[t]].loss(pred, targets[t][:n]) for t, pred in named.items()}
+                    losses = {t: tasks[index[t]].loss(pred, targets[t]) for t, pred in named.items()}
                     G = task_gradients(losses, [xs], retain_graph=False)
                 G = G.reshape(len(losses), n, -1).double()
                 # <M_i, M_j>_F = ||G_i G_j^T||_F^2 / n^2 for every pair, from the n x n cross-Gram blocks
@@ -117,6 +127,7 @@ class AttributionAffinity:
                 energy[sel] += G.square().mean(1).cpu()
         finally:
             model.train(was_training)
+        ranks.broadcast_tensors([inner] + ([] if energy is None else [energy]))
         self.measured += 1
         keep = min(self.decay, 1 - 1 / self.measured)
         self.inner = keep * self.inner + (1 - keep) * inner
@@ -141,6 +152,18 @@ class AttributionAffinity:
             a = self.cosines()
             self._matrix = a if self.warm is None else (a + self.warm) / 2
         return self._matrix
+
+
+def global_rows(ranks: Ranks, x: Tensor, targets: dict[str, Tensor], samples: int
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The first ``samples`` rows of the global batch (inputs, targets) on every rank. Each rank holds a
+    contiguous slice (:class:`~taskgrouping.data.base.ShardedBatchSampler`), so the ranks' first rows,
+    in rank order, begin with the global batch's."""
+    x, targets = x[:samples], {t: y[:samples] for t, y in targets.items()}
+    if ranks.active:
+        x = ranks.gather_rows(x)[0][:samples]
+        targets = {t: ranks.gather_rows(y)[0][:samples] for t, y in targets.items()}
+    return x, targets
 
 
 def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str]] | None]:
