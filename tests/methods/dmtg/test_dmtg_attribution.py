@@ -123,10 +123,14 @@ def test_objective_measures_and_resumes_the_affinity():
 
 
 def test_attribution_recipe_and_bad_options():
-    opts = DMTGOptions(recipe="attribution")
+    opts = DMTGOptions()  # the default recipe
+    assert opts.recipe == "attribution"
     assert opts.init == "noisy" and opts.attribution_weight == 20.0  # no label statistics
     assert opts.warmup == "uniform" and opts.select_converged and opts.rewind
-    assert DMTGOptions().attribution_weight == 0.0  # opt-in on the default recipe
+    assert DMTGOptions(recipe="robust").attribution_weight == 0.0  # the label-start recipe has no pull
+    with pytest.raises(ValueError, match="expected floating-point inputs"):  # attributions need float inputs
+        AttributionAffinity(1).measure(nn.Identity(), torch.zeros(2, 3, dtype=torch.long), {},
+                                       [Task("t0", "regression")])
     for key, value in (("attribution_weight", -1), ("attribution_every", 0), ("attribution_samples", 0),
                        ("attribution_decay", 1.0)):
         with pytest.raises(ValueError, match=f"^{key} must be"):

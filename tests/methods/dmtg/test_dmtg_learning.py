@@ -2,9 +2,9 @@
 has all presets and seeds). The start is given as ``dmtg.prior`` (the known grouping with ``left_even``
 among the right digit's tasks, logits 3 / 0), so whatever moves the task is S's learning.
 
-The default recipe keeps the misplaced task (its own-loss gradient favours the branch that has adapted
+The ``robust`` recipe keeps the misplaced task (its own-loss gradient favours the branch that has adapted
 to it); with the opt-in pull towards branch-mates whose gradients agree (``mates_weight``) it returns, and
-so it does with the ``attribution`` recipe's pull towards the tasks that read the same inputs.
+so it does with the default (``attribution``) recipe's pull towards the tasks that read the same inputs.
 """
 
 import pytest
@@ -22,7 +22,8 @@ def _wrong_start() -> list[list[float]]:
     return prior
 
 
-@pytest.mark.parametrize("extra, returns", [({}, False), (MATES, True), ({"recipe": "attribution"}, True)])
+@pytest.mark.parametrize("extra, returns", [({"recipe": "robust"}, False), ({"recipe": "robust", **MATES}, True),
+                                            ({}, True)])
 def test_misplaced_task_returns_only_with_a_pull(extra, returns):
     options = dict(extra, init="prior", prior=_wrong_start())
     data, runs = run_preset("multimnist", ("dmtg",), options={"dmtg": options})
@@ -38,8 +39,8 @@ def test_misplaced_product_task_returns_where_labels_hide_the_groups(recipe, ret
     """planted_independent, seed 1: g0_t0 (s1 s2 of group 0's subspace) starts on group 1's branch. Its labels are
     uncorrelated with every other task's and its own loss cannot tell the branches apart (no branch computes
     the product before it trains there); the ``attribution`` recipe's start-free warm-up and pull bring it
-    back to its group (5 of 5 seeds in benchmarks/results/dmtg_learning_attribution.md), the default recipe
-    does not (it does on seed 0 only: benchmarks/results/dmtg_learning.md)."""
+    back to its group (5 of 5 seeds in benchmarks/results/dmtg_learning_attribution.md), the ``robust``
+    recipe does not (it does on seed 0 only: benchmarks/results/dmtg_learning.md)."""
     prior = [[3.0 if k == g else 0.0 for k in range(3)] for g in (1, 0, 0, 1, 1, 1, 2, 2, 2)]
     options = {"dmtg": {"recipe": recipe, "init": "prior", "prior": prior}}
     data, runs = run_preset("planted_independent", ("dmtg",), seed=1, options=options)

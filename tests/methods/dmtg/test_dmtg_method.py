@@ -2,6 +2,7 @@
 and it draws its assignment heatmap."""
 
 import pytest
+import torch
 
 from dmtg_fixtures import method_ctx, small_data
 from taskgrouping.grouping.grouping import Grouping
@@ -10,15 +11,28 @@ from taskgrouping.methods.dmtg import dmtg
 
 def test_dmtg_method_end_to_end_records_history():
     data = small_data()
-    res = dmtg(method_ctx(data, 2, {"retrain": ["scratch"]}))
+    res = dmtg(method_ctx(data, 2, {"recipe": "robust", "retrain": ["scratch"]}))
     assert isinstance(res.grouping, Grouping) and sorted(res.grouping.tasks) == sorted(data.task_names)
     assert set(res.per_task) == set(data.task_names)
-    # the default recipe holds S fixed for its 3 warm-up epochs, and no head is pruned while S is not learning
+    # the robust recipe holds S fixed for its 3 warm-up epochs, and no head is pruned while S is not learning
     assert res.extra["live_heads_history"] == [2 * len(data.tasks)] * 3 == [res.extra["live_heads_final"]] * 3
     assert "retrain_scratch" in res.extra["variants"]
     # results.json records the options the recipe resolved, and what init=auto chose
     recorded = res.extra["options"]
     assert recorded["tau"] == 1.0 and recorded["retrain"] == ["scratch"] and recorded["init_used"] == "labels"
+
+
+def test_the_default_recipe_learns_s_from_a_random_start_after_a_fraction_of_the_run():
+    """No label statistics: S starts as small noise, is held for round(0.4 x 3) = 1 of the 3 epochs (every head
+    trains), then learns; results.json records the recipe and the resolved hold."""
+    res = dmtg(method_ctx(small_data(), 2, {}))
+    recorded = res.extra["options"]
+    assert recorded["recipe"] == "attribution" and recorded["init"] == "noisy" and "init_used" not in recorded
+    assert recorded["s_warmup_epochs"] == 1 and recorded["attribution_weight"] > 0
+    probs = [torch.tensor(h["assignment_probs"]) for h in res.extra["dmtg_history"]]
+    assert probs[0].max() < 0.7  # held at the start: logits of std 0.1, no group favoured
+    assert not torch.equal(probs[1], probs[0])  # then learned
+    assert res.extra["live_heads_history"][0] == 2 * len(small_data().tasks)  # nothing pruned while S is held
 
 
 def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
@@ -32,8 +46,8 @@ def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
     data = small_data()
     grouping = Grouping.partition([list(g) for g in data.groups])
     prior = [[30.0 if t in g else 0.0 for g in grouping.as_lists()] for t in data.task_names]
-    got = dmtg(method_ctx(data, 2, {"init": "prior", "prior": prior, "s_warmup_epochs": 1000, "head_pruning": False,
-                              "samples": 1}))
+    got = dmtg(method_ctx(data, 2, {"recipe": "robust", "init": "prior", "prior": prior, "s_warmup_epochs": 1000,
+                              "head_pruning": False, "samples": 1}))
     ref = fit_grouping(method_ctx(data, 2, {}), grouping, "oracle")
     assert got.grouping.as_lists() == grouping.as_lists()
     assert got.extra["best_epoch"] == ref.extra["best_epoch"]

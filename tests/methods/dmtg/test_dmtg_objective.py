@@ -236,7 +236,7 @@ def test_the_epoch_s_converges_is_selected_unless_training_rewinds_after_it(rewi
 def test_rewind_without_select_converged_comes_at_the_end_of_the_hold():
     data = small_data()
     model = small_model(data)
-    obj = DMTGObjective(data.tasks, DMTGOptions(s_warmup_epochs=2, rewind=True), epochs=10)
+    obj = DMTGObjective(data.tasks, DMTGOptions(recipe="robust", s_warmup_epochs=2, rewind=True), epochs=10)
     facts = []
     for epoch in range(3):
         obj.on_epoch_start(epoch, model)

@@ -1,8 +1,8 @@
 """DMTG's options: one frozen dataclass, with the three recipes resolved in one place.
 
 A recipe fills every option the user left unset (``None``): ``paper`` is the paper's text, ``paper_code``
-the authors' released configs, ``robust`` (default) ours; its evidence is in
-``benchmarks/results/dmtg*.md`` and the DMTG issue's closing note. Values are checked on creation, so a
+the authors' released configs, ``attribution`` (default: S learned from training signals only) and
+``robust`` (a label-correlation start) ours; their evidence is in ``benchmarks/results/dmtg*.md``. Values are checked on creation, so a
 bad ``dmtg.*`` key fails at config validation, before anything trains.
 """
 
@@ -80,7 +80,7 @@ class DMTGOptions(MethodOptions):
     Values are resolved on creation: ``dataclasses.replace(opts, recipe=...)`` keeps the old recipe's.
     """
 
-    recipe: str = "robust"
+    recipe: str = "attribution"
     warm_start: bool | None = None
     init: str | None = None
     prior: Any = None  # N x K initial logits for init=prior
