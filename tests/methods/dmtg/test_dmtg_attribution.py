@@ -74,14 +74,14 @@ def test_dmtg_model_is_read_through_every_branch_without_side_effects():
 
 
 def test_pull_moves_a_task_towards_the_branch_of_the_tasks_it_is_closer_to():
-    """pull_loss by hand: C centred per row over the other tasks, scaled to mean |C| = 1, averaged over each
-    branch's other members; the gradient on S_0 raises the branch of task 1 (its close task) and lowers the
-    branch of task 2."""
+    """pull_loss by hand: C = the affinity minus the mean pair's (0.9 + 0.1 + 0.1) / 3 = 11 / 30, scaled to mean
+    |C| = 1, averaged over each branch's other members; the gradient on S_0 raises the branch of task 1 (its
+    close task) and lowers the branch of task 2."""
     a = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]])
     S = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 2.0]], requires_grad=True)  # task 0 sits with task 2
     p = torch.softmax(S, dim=1)
     loss = pull_loss(p, a, 3.0)
-    C = torch.tensor([[0.0, 0.4, -0.4], [0.4, 0.0, -0.4], [0.0, 0.0, 0.0]])
+    C = torch.tensor([[0.0, 16.0, -8.0], [16.0, 0.0, -8.0], [-8.0, -8.0, 0.0]]) / 30
     C = C / (C.abs().sum() / 6)
     q = p.detach()
     others = (q.sum(0, keepdim=True) - q).clamp_min(1.0)
@@ -93,9 +93,9 @@ def test_pull_moves_a_task_towards_the_branch_of_the_tasks_it_is_closer_to():
 
 def test_pull_compares_branches_by_their_members_mean_not_their_sum():
     """Task 0 is close to task 1 (alone on branch 0), a little closer than average to tasks 2-4 (together on
-    branch 1) and far from task 5 (branch 2). Row 0 centred: C_01 = 0.9 - 0.68 = 0.22, C_0j = 0.8 - 0.68 = 0.12
-    for j = 2..4: summed over members branch 1 would win (0.36 > 0.22); averaged, branch 0 does, so several
-    loosely related tasks do not draw a task from its close mate (nor two such groups merge)."""
+    branch 1) and far from task 5 (branch 2). The mean pair's affinity is 8.4 / 15 = 0.56, so C_01 = 0.34 and
+    C_0j = 0.24 for j = 2..4: summed over members branch 1 would win (0.72 > 0.34); averaged, branch 0 does, so
+    several loosely related tasks do not draw a task from its close mate (nor two such groups merge)."""
     a = torch.full((6, 6), 0.5).fill_diagonal_(1.0)
     a[0, 1] = a[1, 0] = 0.9
     a[0, 2:5] = a[2:5, 0] = 0.8
@@ -104,6 +104,19 @@ def test_pull_compares_branches_by_their_members_mean_not_their_sum():
                      requires_grad=True)
     pull_loss(p, a, 1.0).backward()
     assert p.grad[0, 0] < p.grad[0, 1] < 0  # descent raises task 0's weight on branch 0 the most
+
+
+def test_a_task_unlike_its_branch_mates_leaves_for_an_empty_branch():
+    """Every task on branch 0, branch 1 empty (where S's own-loss gradient can draw them all when one branch
+    learns fastest). Task 1 is less like every other task than the mean pair (0.3, 0.45, 0.22 against 0.48):
+    its pull lowers branch 0; the others, closer to their mates than average, stay. Centred on its own row's
+    mean, task 1's mean over branch 0 would be 0, an empty branch's value, and nothing would move it."""
+    a = torch.tensor([[1.0, 0.30, 0.45, 0.67], [0.30, 1.0, 0.45, 0.22], [0.45, 0.45, 1.0, 0.80],
+                      [0.67, 0.22, 0.80, 1.0]])
+    p = torch.tensor([[1.0, 0.0]] * 4, requires_grad=True)
+    pull_loss(p, a, 1.0).backward()
+    assert p.grad[1, 0] > 0 == p.grad[1, 1]  # descent lowers task 1's weight on the full branch
+    assert (p.grad[[2, 3], 0] < 0).all()
 
 
 def test_objective_measures_and_resumes_the_affinity():

@@ -18,13 +18,17 @@ are averaged:
 Both are summed over branches and averaged over measurements. Once S starts to learn, the pull uses
 the mean of that running affinity and the one at the end of the warm-up.
 
-The pull on S is a soft clustering objective: with C = a centred per row over the other tasks and
+The pull on S is a soft clustering objective: with C = a minus the mean affinity of all pairs of tasks,
 scaled to mean |C_ij| = 1 (so that the weight means the same on every dataset),
 A_ik = sum_{j != i} C_ij p_jk / max(1, sum_{j != i} p_jk) is task i's mean centred affinity to the
 other members of branch k; the loss -weight * sum_ik p_ik A_ik (A held fixed) moves S_i towards the
 branch whose members are closest to task i. The mean (not the sum) keeps two groups from merging
-into one branch because their cross affinity is slightly above a row's average; empty branches
-give A = 0, so a task unlike every branch's members can split off.
+into one branch because their cross affinity is slightly above average; empty branches give A = 0, so
+a task less like a branch's members than the mean pair leaves it for an empty branch (cf. the constant
+Potts model of community detection, Traag et al. 2011, with the mean affinity as its resolution). Centring
+each task's row on its own mean instead makes a branch holding every other task exactly as attractive
+as an empty one, so nothing splits S once its own-loss gradient has drawn all tasks into the branch that
+learned fastest (sklearn digits, K = 2: one group on 2 of 3 seeds).
 """
 
 from __future__ import annotations
@@ -177,14 +181,15 @@ def branch_views(model: nn.Module, names: list[str]) -> list[list[tuple[int, str
 
 def pull_loss(p: Tensor, affinity: Tensor, weight: float) -> Tensor:
     """-weight * sum_ik p_ik A_ik with A_ik = sum_{j != i} C_ij p_jk / max(1, sum_{j != i} p_jk), C the
-    affinity centred per row over the other tasks and scaled to mean |C_ij| = 1 (A and p_jk held fixed): its
-    gradient moves S_i towards the branch whose other members are, on average, closest to task i."""
+    affinity minus its mean over all pairs of tasks, scaled to mean |C_ij| = 1 (A and p_jk held fixed): its
+    gradient moves S_i towards the branch whose other members are, on average, closer to task i than the
+    mean pair is, and out of a branch whose members are not (into an empty one, A = 0)."""
     n = p.shape[0]
     if n < 2:
         return p.sum() * 0.0
     off = ~torch.eye(n, dtype=torch.bool, device=p.device)
     a = affinity.to(p.device, p.dtype)
-    centred = torch.where(off, a - (a * off).sum(1, keepdim=True) / (n - 1), torch.zeros_like(a))
+    centred = torch.where(off, a - (a * off).sum() / (n * (n - 1)), torch.zeros_like(a))  # the mean pair: 0
     centred = centred / centred.abs().sum().div(n * (n - 1)).clamp_min(1e-12)  # mean |C_ij| = 1: unit-free
     member = p.detach()
     others = (member.sum(0, keepdim=True) - member).clamp_min(1.0)  # branch k's members besides task i
