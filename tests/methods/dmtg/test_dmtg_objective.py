@@ -218,6 +218,40 @@ def test_select_converged_holds_epochs_until_s_has_converged_then_rewinds_keepin
     assert again.converged_at == 1
 
 
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_weights_are_shrunk_and_perturbed_at_the_rewind_after_convergence_when_the_run_stops_early(early_stopping):
+    """At the epoch start that restores S after the rewind at convergence, every weight but S becomes
+    shrink * theta + N(0, perturb^2) (Ash & Adams 2020) - only in a run with early stopping; S keeps what it
+    learned. Checked with perturb = 0 (exactly shrink * theta) and with noise (its std)."""
+    data = small_data()
+    s = torch.tensor([[8.0, 0.0], [8.0, 0.0], [0.0, 8.0], [0.0, 8.0]])
+    for perturb in (0.0, 0.5):
+        model = small_model(data, s=s)
+        opts = DMTGOptions(s_warmup_epochs=0, select_converged=True, rewind=True, prune_patience=2, shrink=0.6,
+                           perturb=perturb)
+        obj = DMTGObjective(data.tasks, opts, epochs=10, early_stopping=early_stopping)
+        for epoch in range(2):
+            obj.on_epoch_start(epoch, model)
+            facts = obj.on_epoch_end(epoch, model)
+        assert facts["rewind"] is True
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        obj.on_epoch_start(2, model)
+        after = dict(model.named_parameters())
+        assert torch.equal(after["S"].detach(), before["S"])
+        for name in before:
+            if name == "S":
+                continue
+            change = after[name].detach() - (0.6 if early_stopping else 1.0) * before[name]
+            if perturb == 0 or not early_stopping:
+                assert torch.equal(change, torch.zeros_like(change)), name
+        if perturb and early_stopping:
+            noise = torch.cat([(after[n].detach() - 0.6 * before[n]).flatten() for n in before if n != "S"])
+            assert noise.numel() > 200 and 0.4 < float(noise.std()) < 0.6
+    assert DMTGOptions().shrink == 0.6 and DMTGOptions(recipe="robust").shrink == 1.0
+    with pytest.raises(ValueError, match="^shrink must be"):
+        DMTGOptions(shrink=0.0)
+
+
 @pytest.mark.parametrize("rewind, epochs, converged_selectable", [(False, 10, True), (True, 2, True), (True, 10, False)])
 def test_the_epoch_s_converges_is_selected_unless_training_rewinds_after_it(rewind, epochs, converged_selectable):
     """Without ``rewind`` (or when it converges in the run's last epoch, with nothing left to train) the epoch S

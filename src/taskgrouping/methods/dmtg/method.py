@@ -94,7 +94,7 @@ def dmtg(ctx: MethodContext) -> MethodResult:
     else:
         start_from_initial_grouping(ctx, net, s0)
     model = DMTGModel(net, ctx.data.task_names, s0, opts.grad_scaling)
-    objective = DMTGObjective(ctx.data.tasks, opts, ctx.train.epochs)
+    objective = DMTGObjective(ctx.data.tasks, opts, ctx.train.epochs, early_stopping=ctx.train.early_stopping > 0)
     result, _, _ = ctx.fit(model, "dmtg", score_test=False, objective=objective)
     model = result.model
     grouping = model.grouping()

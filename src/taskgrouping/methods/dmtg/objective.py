@@ -43,10 +43,12 @@ class DMTGObjective(ObjectiveBase):
     once; only the weights change), which lowers the variance of S's gradient at no extra forward cost.
     """
 
-    def __init__(self, tasks: list[Task], opts: DMTGOptions, epochs: int | None = None) -> None:
+    def __init__(self, tasks: list[Task], opts: DMTGOptions, epochs: int | None = None,
+                 early_stopping: bool = False) -> None:
         self.tasks = {t.name: t for t in tasks}
         self.opts = opts
         self.epochs = epochs  # the run's length: warm-up epochs are held back from selection if S learns after them
+        self.early_stopping = early_stopping  # the run stops early: shrink and perturb at the rewind (see below)
         self.tau = self.tau_at(0)
         self.warming_up = int(opts.s_warmup_epochs) > 0
         self.mates: Tensor | None = None  # K x N x N running cosines of the tasks' gradients on each branch
@@ -124,7 +126,20 @@ class DMTGObjective(ObjectiveBase):
             with torch.no_grad():
                 for name, value in self.learned.items():
                     getattr(model, name).copy_(torch.tensor(value, dtype=getattr(model, name).dtype))
+                if self.early_stopping and float(self.opts.shrink) < 1:
+                    self.shrink_perturb(model)
             self.learned = None
+
+    @torch.no_grad()
+    def shrink_perturb(self, model: DMTGModel) -> None:
+        """theta <- shrink * theta + N(0, perturb^2) for every weight but S (Ash & Adams, NeurIPS 2020): the
+        grouped model continues from weights trained on every task in the warm-up, and a warm-started network
+        generalises worse than a fresh one unless its weights are shrunk and perturbed. Only where the run
+        stops early: there the epochs left are not what limits the model; in a run of fixed length the
+        weights' progress is kept."""
+        for name, p in model.named_parameters():
+            if name != "S":
+                p.mul_(float(self.opts.shrink)).add_(torch.randn_like(p), alpha=float(self.opts.perturb))
 
     def __call__(self, model: DMTGModel, x: Tensor, targets: dict[str, Tensor]) -> StepOutput:
         names = model.task_names

@@ -25,28 +25,29 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(warm_start=True, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                   grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
                   s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
-                  select_converged=False, rewind=False),
+                  select_converged=False, rewind=False, shrink=1.0),
     # The released configs: no warm start, 1/sqrt(K) applied to branches and heads (their code's bug).
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                        grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
                        s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
-                       select_converged=False, rewind=False),
+                       select_converged=False, rewind=False, shrink=1.0),
     # Ours: a label prior held fixed while the branches specialise, then S learned faster, with several
     # Gumbel draws per step, and collapsed heads pruned.
     "robust": dict(warm_start=False, init="auto", tau=1.0, tau_schedule="constant", s_lr=0.05,
                    grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
                    s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=0.0,
-                   select_converged=False, rewind=False),
+                   select_converged=False, rewind=False, shrink=1.0),
     # Ours, learned from training signals only: a small random start (no label statistics); for the first
     # 40 % of the run every task trains every branch alike (so nothing depends on the start) while the
     # tasks' input-attribution affinity is measured; then S is pulled towards the branches whose tasks read
     # the same inputs (methods/dmtg/attribution.py), besides its own-loss gradient; the result is chosen
-    # after S has converged, training on from the best epoch's weights with S's assignment.
+    # after S has converged, training on from the best epoch's weights with S's assignment, shrunk and perturbed
+    # where the run stops early.
     # Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
     "attribution": dict(warm_start=False, init="noisy", tau=1.0, tau_schedule="constant", s_lr=0.05,
                         grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
                         s_warmup_epochs=3, s_warmup_fraction=0.4, warmup="uniform", attribution_weight=20.0,
-                        select_converged=True, rewind=True),
+                        select_converged=True, rewind=True, shrink=0.6),
 }
 #: how S is initialised (``auto``: ``labels`` where the label prior is defined, else ``noisy``)
 INITS = ("auto", "uniform", "noisy", "prior", "affinity", "labels")
@@ -75,8 +76,10 @@ class DMTGOptions(MethodOptions):
     ``entropy_weight``, ``head_pruning``, ``s_warmup_epochs`` (epochs S is held fixed; or
     ``s_warmup_fraction`` of the run's epochs), ``warmup`` (how the weights train meanwhile),
     ``attribution_weight``, ``select_converged`` (the result is chosen only after S has converged, so early
-    stopping cannot end S's learning) and ``rewind`` (continue from the best epoch's weights when S starts
-    learning, or, with ``select_converged``, once it has converged, keeping S's learned assignment).
+    stopping cannot end S's learning), ``rewind`` (continue from the best epoch's weights when S starts
+    learning, or, with ``select_converged``, once it has converged, keeping S's learned assignment) and
+    ``shrink`` (at that rewind, in a run with early stopping, every weight but S is multiplied by ``shrink``
+    and Gaussian noise of std ``perturb`` added; 1 = off).
     Values are resolved on creation: ``dataclasses.replace(opts, recipe=...)`` keeps the old recipe's.
     """
 
@@ -104,6 +107,8 @@ class DMTGOptions(MethodOptions):
     s_warmup_fraction: float | None = None  # > 0: S is held for round(fraction x train.epochs) epochs instead
     rewind: bool | None = None  # continue from the best epoch's weights when S starts learning (or has converged)
     select_converged: bool | None = None  # the result is chosen among epochs after S has converged
+    shrink: float | None = None  # at the rewind after S converged, with early stopping: weights x shrink + noise
+    perturb: float = 0.01  # std of that noise
     warmup: str | None = None
     affinity_batches: int = 20  # training batches of the gradient-affinity prior (init=affinity)
     finetune_epochs: int = 0  # epochs to fine-tune the pruned model (0: one-shot)
@@ -136,6 +141,8 @@ class DMTGOptions(MethodOptions):
         expect_number("s_lr", self.s_lr, low=0, low_open=True, allow_none=True)
         for key in ("prior_strength", "init_noise", "entropy_weight"):
             expect_number(key, getattr(self, key))
+        expect_number("shrink", self.shrink, low=0, high=1, low_open=True)
+        expect_number("perturb", self.perturb, low=0)
         expect_number("prune_threshold", self.prune_threshold, low=0)
         expect(self.prune_threshold < 1, "prune_threshold", "< 1", self.prune_threshold)
         expect_int("samples", self.samples, low=1)
