@@ -23,16 +23,28 @@ def test_dmtg_method_end_to_end_records_history():
 
 
 def test_the_default_recipe_learns_s_from_a_random_start_after_a_fraction_of_the_run():
-    """No label statistics: S starts as small noise, is held for round(0.4 x 3) = 1 of the 3 epochs (every head
-    trains), then learns; results.json records the recipe and the resolved hold."""
+    """No label statistics: S starts as small noise, is held for round(0.4 x 3) = 1 epoch (every head trains),
+    then learns for the run's 3 epochs (no early stopping: the held epoch is added); results.json records the
+    recipe, the resolved hold and the epochs trained."""
     res = dmtg(method_ctx(small_data(), 2, {}))
     recorded = res.extra["options"]
     assert recorded["recipe"] == "attribution" and recorded["init"] == "noisy" and "init_used" not in recorded
     assert recorded["s_warmup_epochs"] == 1 and recorded["attribution_weight"] > 0
+    assert res.extra["epochs"] == 4 == len(res.extra["dmtg_history"])
     probs = [torch.tensor(h["assignment_probs"]) for h in res.extra["dmtg_history"]]
     assert probs[0].max() < 0.7  # held at the start: logits of std 0.1, no group favoured
     assert not torch.equal(probs[1], probs[0])  # then learned
     assert res.extra["live_heads_history"][0] == 2 * len(small_data().tasks)  # nothing pruned while S is held
+
+
+def test_the_hold_is_added_only_to_a_run_without_early_stopping():
+    import dataclasses
+
+    ctx = method_ctx(small_data(), 2, {"s_warmup_epochs": 2})
+    assert dmtg(ctx).extra["epochs"] == 5
+    stopping = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, early_stopping=10))
+    assert dmtg(stopping).extra["epochs"] == 3
+    assert dmtg(dataclasses.replace(ctx, options={"s_warmup_epochs": 2, "add_hold_epochs": False})).extra["epochs"] == 3
 
 
 def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
@@ -63,7 +75,8 @@ def test_assignment_heatmap_is_written(tmp_path):
     png = tmp_path / "dmtg_assignment.png"
     assert res.extra["assignment_figure"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(res.extra["dmtg_history"]) == 3 and len(res.extra["dmtg_history"][0]["assignment_probs"]) == 4
+    assert len(res.extra["dmtg_history"]) == res.extra["epochs"] == 4  # 3 epochs and the held one
+    assert len(res.extra["dmtg_history"][0]["assignment_probs"]) == 4
 
 
 def test_s_held_for_a_third_of_the_run_and_an_epoch_after_the_hold_returned():

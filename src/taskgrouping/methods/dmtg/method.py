@@ -94,8 +94,11 @@ def dmtg(ctx: MethodContext) -> MethodResult:
     else:
         start_from_initial_grouping(ctx, net, s0)
     model = DMTGModel(net, ctx.data.task_names, s0, opts.grad_scaling)
-    objective = DMTGObjective(ctx.data.tasks, opts, ctx.train.epochs, early_stopping=ctx.train.early_stopping > 0)
-    result, _, _ = ctx.fit(model, "dmtg", score_test=False, objective=objective)
+    fit_ctx = ctx
+    if opts.add_hold_epochs and not ctx.train.early_stopping:  # the hold does not shorten the grouped training
+        fit_ctx = replace(ctx, train=replace(ctx.train, epochs=ctx.train.epochs + int(opts.s_warmup_epochs)))
+    objective = DMTGObjective(ctx.data.tasks, opts, fit_ctx.train.epochs, early_stopping=ctx.train.early_stopping > 0)
+    result, _, _ = fit_ctx.fit(model, "dmtg", score_test=False, objective=objective)
     model = result.model
     grouping = model.grouping()
     pruned = model.pruned()
@@ -112,6 +115,7 @@ def dmtg(ctx: MethodContext) -> MethodResult:
                 "assignment_probs": h.get("assignment_probs")} for h in result.history]
     extra: dict[str, Any] = {
         "recipe": opts.recipe, "options": options_record(opts, init_used), "best_epoch": result.best_epoch,
+        "epochs": fit_ctx.train.epochs,
         "assignment_probs": model.probabilities().tolist(), "S": model.S.detach().tolist(),
         "live_heads_final": int(model.live.sum()), "live_heads_history": [h["live_heads"] for h in history],
         "dmtg_history": history, "warm_start_seconds": warm_seconds, "s_converged_epoch": objective.converged_at,

@@ -25,29 +25,29 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(warm_start=True, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                   grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
                   s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
-                  select_converged=False, rewind=False, shrink=1.0),
+                  select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False),
     # The released configs: no warm start, 1/sqrt(K) applied to branches and heads (their code's bug).
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                        grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
                        s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
-                       select_converged=False, rewind=False, shrink=1.0),
+                       select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False),
     # Ours: a label prior held fixed while the branches specialise, then S learned faster, with several
     # Gumbel draws per step, and collapsed heads pruned.
     "robust": dict(warm_start=False, init="auto", tau=1.0, tau_schedule="constant", s_lr=0.05,
                    grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
                    s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=0.0,
-                   select_converged=False, rewind=False, shrink=1.0),
+                   select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False),
     # Ours, learned from training signals only: a small random start (no label statistics); for the first
     # 40 % of the run every task trains every branch alike (so nothing depends on the start) while the
     # tasks' input-attribution affinity is measured; then S is pulled towards the branches whose tasks read
     # the same inputs (methods/dmtg/attribution.py), besides its own-loss gradient; the result is chosen
-    # after S has converged, training on from the best epoch's weights with S's assignment, shrunk and perturbed
-    # where the run stops early.
+    # after S has converged, training on from the best epoch's weights with S's assignment: shrunk and perturbed
+    # where the run stops early, for as many more epochs as S was held where it does not.
     # Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
     "attribution": dict(warm_start=False, init="noisy", tau=1.0, tau_schedule="constant", s_lr=0.05,
                         grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
                         s_warmup_epochs=3, s_warmup_fraction=0.4, warmup="uniform", attribution_weight=20.0,
-                        select_converged=True, rewind=True, shrink=0.6),
+                        select_converged=True, rewind=True, shrink=0.6, add_hold_epochs=True),
 }
 #: how S is initialised (``auto``: ``labels`` where the label prior is defined, else ``noisy``)
 INITS = ("auto", "uniform", "noisy", "prior", "affinity", "labels")
@@ -79,7 +79,9 @@ class DMTGOptions(MethodOptions):
     stopping cannot end S's learning), ``rewind`` (continue from the best epoch's weights when S starts
     learning, or, with ``select_converged``, once it has converged, keeping S's learned assignment) and
     ``shrink`` (at that rewind, in a run with early stopping, every weight but S is multiplied by ``shrink``
-    and Gaussian noise of std ``perturb`` added; 1 = off).
+    and Gaussian noise of std ``perturb`` added; 1 = off) and ``add_hold_epochs`` (in a run without early
+    stopping, DMTG trains ``train.epochs`` plus the held epochs: the hold finds the grouping, and does not
+    come out of the grouped model's training).
     Values are resolved on creation: ``dataclasses.replace(opts, recipe=...)`` keeps the old recipe's.
     """
 
@@ -109,6 +111,7 @@ class DMTGOptions(MethodOptions):
     select_converged: bool | None = None  # the result is chosen among epochs after S has converged
     shrink: float | None = None  # at the rewind after S converged, with early stopping: weights x shrink + noise
     perturb: float = 0.01  # std of that noise
+    add_hold_epochs: bool | None = None  # without early stopping: train.epochs + the held epochs in all
     warmup: str | None = None
     affinity_batches: int = 20  # training batches of the gradient-affinity prior (init=affinity)
     finetune_epochs: int = 0  # epochs to fine-tune the pruned model (0: one-shot)
@@ -129,7 +132,7 @@ class DMTGOptions(MethodOptions):
         for f in dataclasses.fields(self):  # an explicit null means "the recipe's value, else the default"
             if getattr(self, f.name) is None:
                 object.__setattr__(self, f.name, recipe.get(f.name, f.default))
-        for key in ("warm_start", "hard", "head_pruning", "rewind", "select_converged"):
+        for key in ("warm_start", "hard", "head_pruning", "rewind", "select_converged", "add_hold_epochs"):
             _flag(key, getattr(self, key))
         _one_of("init", self.init, INITS)
         _one_of("tau_schedule", self.tau_schedule, ("constant", "exponential"))
