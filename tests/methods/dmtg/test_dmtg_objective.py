@@ -221,8 +221,8 @@ def test_select_converged_holds_epochs_until_s_has_converged_then_rewinds_keepin
 @pytest.mark.parametrize("early_stopping", [True, False])
 def test_weights_are_shrunk_and_perturbed_at_the_rewind_after_convergence_when_the_run_stops_early(early_stopping):
     """At the epoch start that restores S after the rewind at convergence, every weight but S becomes
-    shrink * theta + N(0, perturb^2) (Ash & Adams 2020) - only in a run with early stopping; S keeps what it
-    learned. Checked with perturb = 0 (exactly shrink * theta) and with noise (its std)."""
+    shrink * theta + N(0, perturb^2) (Ash & Adams 2020) - only in a run with early stopping; S keeps what
+    it learned. Checked with perturb = 0 (exactly shrink * theta) and with noise (its std)."""
     data = small_data()
     s = torch.tensor([[8.0, 0.0], [8.0, 0.0], [0.0, 8.0], [0.0, 8.0]])
     for perturb in (0.0, 0.5):

@@ -28,7 +28,7 @@ a task less like a branch's members than the mean pair leaves it for an empty br
 Potts model of community detection, Traag et al. 2011, with the mean affinity as its resolution). Centring
 each task's row on its own mean instead makes a branch holding every other task exactly as attractive
 as an empty one, so nothing splits S once its own-loss gradient has drawn all tasks into the branch that
-learned fastest (sklearn digits, K = 2: one group on 2 of 3 seeds).
+learned fastest (as it did on sklearn digits).
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ branches train exactly as the initial grouping would and L_ik is a fair measure 
 the start and the attribution affinity measured meanwhile does not echo the start); head pruning once a
 task's row of S has converged; ``select_converged`` (the result is chosen among the epochs after S has
 converged, so early stopping cannot end S's learning; with ``rewind`` training then continues from the
-best epoch's weights with S's learned assignment); the ``attribution_weight`` pull of S towards branches
-whose tasks read the same inputs (:mod:`taskgrouping.methods.dmtg.attribution`); and the opt-in
-``mates_weight`` pull of S_i towards the branches whose tasks' gradients agree with task i's, effects
-that S's own-loss gradient cannot see (recovery rates: ``benchmarks/results/dmtg_learning*.md``).
+best epoch's weights with S's learned assignment, shrunk and perturbed where the run stops early); the
+``attribution_weight`` pull of S towards branches whose tasks read the same inputs
+(:mod:`taskgrouping.methods.dmtg.attribution`); and the opt-in ``mates_weight`` pull of S_i towards the
+branches whose tasks' gradients agree with task i's, effects that S's own-loss gradient cannot see (recovery rates: ``benchmarks/results/dmtg_learning*.md``).
 """
 
 from __future__ import annotations

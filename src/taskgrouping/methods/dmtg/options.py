@@ -1,9 +1,10 @@
-"""DMTG's options: one frozen dataclass, with the three recipes resolved in one place.
+"""DMTG's options: one frozen dataclass, with the four recipes resolved in one place.
 
 A recipe fills every option the user left unset (``None``): ``paper`` is the paper's text, ``paper_code``
 the authors' released configs, ``attribution`` (default: S learned from training signals only) and
-``robust`` (a label-correlation start) ours; their evidence is in ``benchmarks/results/dmtg*.md``. Values are checked on creation, so a
-bad ``dmtg.*`` key fails at config validation, before anything trains.
+``robust`` (a label-correlation start) ours; their evidence is in ``benchmarks/results/dmtg*.md``.
+Values are checked on creation, so a bad ``dmtg.*`` key fails at config validation, before anything
+trains.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class DMTGOptions(MethodOptions):
     ``s_warmup_fraction`` of the run's epochs), ``warmup`` (how the weights train meanwhile),
     ``attribution_weight``, ``select_converged`` (the result is chosen only after S has converged, so early
     stopping cannot end S's learning), ``rewind`` (continue from the best epoch's weights when S starts
-    learning, or, with ``select_converged``, once it has converged, keeping S's learned assignment) and
+    learning, or, with ``select_converged``, once it has converged, keeping S's learned assignment),
     ``shrink`` (at that rewind, in a run with early stopping, every weight but S is multiplied by ``shrink``
     and Gaussian noise of std ``perturb`` added; 1 = off) and ``add_hold_epochs`` (in a run without early
     stopping, DMTG trains ``train.epochs`` plus the held epochs: the hold finds the grouping, and does not
