@@ -3,9 +3,9 @@
 K group branches, each wired to all N task heads; an N x K assignment S, relaxed with Gumbel-softmax,
 weighs head (k, i)'s loss (Eq. 4-5), and S trains with the weights. Modules: ``options`` (the options
 and the ``paper`` / ``paper_code`` / ``attribution`` (default) / ``robust`` recipes), ``model`` (the
-network, its gradient scaling and the pruned one-shot result), ``losses`` (stacked head losses), ``objective`` (the per-step loss,
-the warm-up, head pruning, the opt-in mates pull), ``attribution`` (the input-attribution affinity and
-its pull on S, the ``attribution`` recipe), ``prior`` (S's initialisations) and ``method`` (the
+network, its gradient scaling and the pruned one-shot result), ``losses`` (stacked head losses),
+``objective`` (the per-step loss, the warm-up, head pruning, the opt-in mates pull), ``attribution``
+(the input-attribution affinity and its pull on S), ``prior`` (S's initialisations) and ``method`` (the
 registered ``dmtg`` method; importing this package registers it).
 """
 

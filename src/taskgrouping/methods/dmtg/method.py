@@ -94,10 +94,11 @@ def dmtg(ctx: MethodContext) -> MethodResult:
     else:
         start_from_initial_grouping(ctx, net, s0)
     model = DMTGModel(net, ctx.data.task_names, s0, opts.grad_scaling)
+    stops_early = ctx.train.early_stopping > 0
     fit_ctx = ctx
-    if opts.add_hold_epochs and not ctx.train.early_stopping:  # the hold does not shorten the grouped training
+    if opts.add_hold_epochs and not stops_early:  # the hold does not shorten the grouped model's training
         fit_ctx = replace(ctx, train=replace(ctx.train, epochs=ctx.train.epochs + int(opts.s_warmup_epochs)))
-    objective = DMTGObjective(ctx.data.tasks, opts, fit_ctx.train.epochs, early_stopping=ctx.train.early_stopping > 0)
+    objective = DMTGObjective(ctx.data.tasks, opts, fit_ctx.train.epochs, early_stopping=stops_early)
     result, _, _ = fit_ctx.fit(model, "dmtg", score_test=False, objective=objective)
     model = result.model
     grouping = model.grouping()

@@ -15,7 +15,8 @@ converged, so early stopping cannot end S's learning; with ``rewind`` training t
 best epoch's weights with S's learned assignment, shrunk and perturbed where the run stops early); the
 ``attribution_weight`` pull of S towards branches whose tasks read the same inputs
 (:mod:`taskgrouping.methods.dmtg.attribution`); and the opt-in ``mates_weight`` pull of S_i towards the
-branches whose tasks' gradients agree with task i's, effects that S's own-loss gradient cannot see (recovery rates: ``benchmarks/results/dmtg_learning*.md``).
+branches whose tasks' gradients agree with task i's, effects that S's own-loss gradient cannot see
+(recovery rates: ``benchmarks/results/dmtg_learning*.md``).
 """
 
 from __future__ import annotations
