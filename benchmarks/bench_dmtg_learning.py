@@ -19,6 +19,7 @@ benchmarks/results/dmtg_learning.{json,md}.
     python benchmarks/bench_dmtg_learning.py [--presets a,b] [--seeds 0,1,2,3,4] [--options JSON] [--tag NAME]
     python benchmarks/bench_dmtg_learning.py --cost   # step time of the mates pull (dmtg_learning_cost.*)
     python benchmarks/bench_dmtg_learning.py --total-cost   # whole-run time vs naive MTL (dmtg_learning_total_cost.*)
+    python benchmarks/bench_dmtg_learning.py --noise-floor --seeds 0,...,9   # oracle vs oracle (dmtg_learning_noise_floor.*)
 """
 
 from __future__ import annotations
@@ -57,16 +58,26 @@ def _wrong_prior(data, K: int) -> list[list[float]]:
     return prior
 
 
+def _setup(preset: str, seed: int) -> tuple[dict, object]:
+    """The preset's config at ``seed`` and its data (the data depend on the seed)."""
+    cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false"])
+    return cfg, prepare_data(cfg)
+
+
+def _context(cfg: dict, data, seed: int, method: str, options: dict) -> MethodContext:
+    """A method's run on ``data`` with training seed ``seed`` (initialisation, batch order, Gumbel draws)."""
+    return MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]), model=cfg["model"],
+                         balancer=cfg["balancer"], options=options, name=method)
+
+
 def run_seed(preset: str, seed: int, dmtg_options: dict, baselines: dict | None = None,
              starts: tuple[str, ...] = STARTS) -> dict:
-    cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false"])
-    data = prepare_data(cfg)
+    cfg, data = _setup(preset, seed)
     methods = available_methods()
     out: dict = {}
 
     def run(name: str, method: str, options: dict) -> None:
-        ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]), model=cfg["model"],
-                            balancer=cfg["balancer"], options=options, name=method)
+        ctx = _context(cfg, data, seed, method, options)
         t0 = time.perf_counter()
         res = methods[method](ctx)
         rec = {"total_test_loss": sum(m["loss"] for m in res.per_task.values()),
@@ -173,22 +184,72 @@ def mates_cost(rounds: int = 15) -> list[dict]:
     return rows
 
 
+#: what a training seed alone moves: the known grouping trained again with the training seed shifted by this
+NOISE_SEED_SHIFT = 1000
+
+
+def noise_floor(presets: list[str], seeds: list[int]) -> dict:
+    """The known grouping (``oracle``) trained twice on the same data, with training seeds s and s + 1000
+    (initialisation, batch order): the ratio of their total test losses is what the training seed alone moves,
+    the floor under any "method ÷ oracle" ratio of the other tables."""
+    oracle = available_methods()["oracle"]
+    out: dict = {}
+    for preset in presets:
+        for seed in seeds:
+            cfg, data = _setup(preset, seed)
+            loss = [sum(m["loss"] for m in oracle(_context(cfg, data, seed + shift, "oracle", {})).per_task.values())
+                    for shift in (0, NOISE_SEED_SHIFT)]
+            out.setdefault(preset, {})[str(seed)] = {"oracle": loss[0], "oracle_reseeded": loss[1],
+                                                     "ratio": loss[1] / loss[0]}
+            print(preset, seed, out[preset][str(seed)], flush=True)
+    return out
+
+
+def noise_floor_markdown(floor: dict, dmtg_files: list[str]) -> str:
+    """The floor's table, beside DMTG's random-start ratio from ``dmtg_files`` (results of this benchmark)."""
+    dmtg: dict = {}
+    for name in dmtg_files:
+        for preset, seeds in json.loads((OUT / name).read_text())["results"].items():
+            for s, r in seeds.items():
+                if "dmtg_random" in r:
+                    dmtg.setdefault(preset, {})[s] = r["dmtg_random"]["total_test_loss"] / r["oracle"]["total_test_loss"]
+    lines = ["# The training seed's noise floor under the \"÷ oracle\" ratios", "",
+             noise_floor.__doc__.replace("\n    ", " "), "",
+             f"DMTG (random start = the default recipe's own start) from {', '.join(dmtg_files)}.", "",
+             "| preset | seeds | oracle reseeded ÷ oracle: median (min–max) | DMTG ÷ oracle: median (min–max) |",
+             "|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})" if values else "–"
+
+    for preset, seeds in floor.items():
+        keys = sorted(seeds, key=int)
+        for part in (keys[:5], keys[5:], keys if len(keys) > 5 else []):
+            if part:
+                lines.append(f"| {preset} | {part[0]}–{part[-1]} | {cell([seeds[s]['ratio'] for s in part])} | "
+                             f"{cell([dmtg[preset][s] for s in part if s in dmtg.get(preset, {})])} |")
+    lines += ["", "| preset | seed | oracle | oracle reseeded | ratio | DMTG ÷ oracle |", "|---|---|---|---|---|---|"]
+    for preset, seeds in floor.items():
+        for s in sorted(seeds, key=int):
+            r, d = seeds[s], dmtg.get(preset, {}).get(s)
+            lines.append(f"| {preset} | {s} | {r['oracle']:.4f} | {r['oracle_reseeded']:.4f} | {r['ratio']:.3f} | "
+                         + (f"{d:.3f}" if d is not None else "–") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def total_cost(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[dict]:
     """Whole-run training seconds of the default DMTG recipe and of naive MTL on the same data (one thread,
-    alternating in one process): MultiMNIST (K=2, a fixed 8 epochs, DMTG's run longer by its 3 held epochs),
-    planted and planted_independent (K=3, early stopping after 10 epochs without improvement; DMTG's held
-    epochs do not count towards it)."""
+    alternating in one process): MultiMNIST and multimnist_independent (K=2, a fixed 8 epochs, DMTG's run
+    longer by its 3 held epochs), planted and planted_independent (K=3, early stopping after 10 epochs without
+    improvement; DMTG's held epochs do not count towards it)."""
     methods = available_methods()
     rows = []
-    for preset in ("multimnist", "planted", "planted_independent"):
+    for preset in ("multimnist", "multimnist_independent", "planted", "planted_independent"):
         for seed in seeds:
-            cfg = build_config(preset=preset, overrides=[f"seed={seed}", "train.progress=false"])
-            data = prepare_data(cfg)
+            cfg, data = _setup(preset, seed)
             seconds = {}
             for method in ("naive_mtl", "dmtg"):
-                ctx = MethodContext(data=data, seed=seed, K=cfg["K"], train=TrainConfig(**cfg["train"]),
-                                    model=cfg["model"], balancer=cfg["balancer"], options={}, name=method)
-                res = methods[method](ctx)
+                res = methods[method](_context(cfg, data, seed, method, {}))
                 seconds[method] = res.train_seconds
                 if method == "dmtg":
                     epochs = len(res.extra["dmtg_history"])
@@ -213,8 +274,17 @@ def main() -> None:
     ap.add_argument("--cost", action="store_true", help="only the step-time part (dmtg_learning_cost.*)")
     ap.add_argument("--total-cost", action="store_true",
                     help="only the whole-run training time vs naive MTL (dmtg_learning_total_cost.*)")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="only the oracle trained again with another training seed (dmtg_learning_noise_floor.*)")
+    ap.add_argument("--dmtg-results", default="dmtg_learning_attribution.json",
+                    help="with --noise-floor: result files (comma-separated) whose DMTG random-start ratios go beside it")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.noise_floor:
+        floor = noise_floor(args.presets.split(","), [int(s) for s in args.seeds.split(",")])
+        atomic_write_text(OUT / "dmtg_learning_noise_floor.json", json.dumps(floor, indent=1))
+        atomic_write_text(OUT / "dmtg_learning_noise_floor.md", noise_floor_markdown(floor, args.dmtg_results.split(",")))
+        return
     if args.total_cost:
         rows = total_cost()
         atomic_write_text(OUT / "dmtg_learning_total_cost.json", json.dumps(rows, indent=1))

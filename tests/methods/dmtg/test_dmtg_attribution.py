@@ -166,3 +166,25 @@ def test_the_pull_averages_the_warm_up_affinity_with_the_running_one():
     again = AttributionAffinity(3)
     again.load_state_dict(aff.state_dict())
     assert torch.equal(again.matrix(), aff.matrix())
+
+
+def test_no_measuring_once_s_has_converged_where_the_pull_has_no_gradient():
+    """Once every task has one live head, S's probabilities are one-hot and the pull's gradient on S is 0:
+    the objective stops measuring (a saving of the measurement's backward passes, nothing else changes)."""
+    data = small_data()
+    model = small_model(data)
+    with torch.no_grad():
+        model.live.copy_(torch.arange(model.K)[:, None] == torch.arange(len(data.tasks))[None, :] % model.K)
+    pull_loss(model.probabilities(), torch.rand(len(data.tasks), len(data.tasks)), 1.0).backward()
+    assert torch.equal(model.S.grad, torch.zeros_like(model.S))
+    obj = DMTGObjective(data.tasks, DMTGOptions(attribution_every=1, s_warmup_epochs=0))
+    x, y = data.train[list(range(16))]
+    obj.on_epoch_start(0, model)
+    obj(model, x, y)
+    assert obj.attribution.measured == 1
+    obj.on_epoch_end(0, model)
+    assert obj.converged_at == 0
+    obj.on_epoch_start(1, model)
+    for _ in range(3):
+        obj(model, x, y)
+    assert obj.attribution.measured == 1 and obj.calls == 4

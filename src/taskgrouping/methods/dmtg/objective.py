@@ -170,7 +170,8 @@ class DMTGObjective(ObjectiveBase):
                     self.measure_mates(model, feats, targets)
                 pulls.append(None if self.warming_up else self.mates_loss(model))
             if self.attribution is not None:
-                if step % int(self.opts.attribution_every) == 0:
+                # once S has converged (heads pruned to one per task) the pull has no gradient left: no measuring
+                if step % int(self.opts.attribution_every) == 0 and self.converged_at is None:
                     self.attribution.measure(model, x, targets, [self.tasks[t] for t in names])
                 if not self.warming_up:
                     self.attribution.keep_warm()
