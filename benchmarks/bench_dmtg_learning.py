@@ -20,6 +20,10 @@ benchmarks/results/dmtg_learning.{json,md}.
     python benchmarks/bench_dmtg_learning.py --cost   # step time of the mates pull (dmtg_learning_cost.*)
     python benchmarks/bench_dmtg_learning.py --total-cost   # whole-run time vs naive MTL (dmtg_learning_total_cost.*)
     python benchmarks/bench_dmtg_learning.py --noise-floor --seeds 0,...,9   # oracle vs oracle (dmtg_learning_noise_floor.*)
+
+The held-out seeds' table (dmtg_learning_attribution_seeds5-9.*) is ``--presets
+multimnist_independent,planted_independent,multimnist_dense --seeds 5,6,7,8,9 --starts random --tag
+attribution_seeds5-9``.
 """
 
 from __future__ import annotations
@@ -206,13 +210,14 @@ def noise_floor(presets: list[str], seeds: list[int]) -> dict:
 
 
 def noise_floor_markdown(floor: dict, dmtg_files: list[str]) -> str:
-    """The floor's table, beside DMTG's random-start ratio from ``dmtg_files`` (results of this benchmark)."""
+    """The floor's table, beside DMTG's random-start loss from ``dmtg_files`` (results of this benchmark)
+    divided by the floor's own oracle run (the code of this run, where a file's baselines are older)."""
     dmtg: dict = {}
     for name in dmtg_files:
         for preset, seeds in json.loads((OUT / name).read_text())["results"].items():
             for s, r in seeds.items():
-                if "dmtg_random" in r:
-                    dmtg.setdefault(preset, {})[s] = r["dmtg_random"]["total_test_loss"] / r["oracle"]["total_test_loss"]
+                if "dmtg_random" in r and s in floor.get(preset, {}):
+                    dmtg.setdefault(preset, {})[s] = r["dmtg_random"]["total_test_loss"] / floor[preset][s]["oracle"]
     lines = ["# The training seed's noise floor under the \"÷ oracle\" ratios", "",
              noise_floor.__doc__.replace("\n    ", " "), "",
              f"DMTG (random start = the default recipe's own start) from {', '.join(dmtg_files)}.", "",
@@ -276,7 +281,7 @@ def main() -> None:
                     help="only the whole-run training time vs naive MTL (dmtg_learning_total_cost.*)")
     ap.add_argument("--noise-floor", action="store_true",
                     help="only the oracle trained again with another training seed (dmtg_learning_noise_floor.*)")
-    ap.add_argument("--dmtg-results", default="dmtg_learning_attribution.json",
+    ap.add_argument("--dmtg-results", default="dmtg_learning_attribution.json,dmtg_learning_attribution_seeds5-9.json",
                     help="with --noise-floor: result files (comma-separated) whose DMTG random-start ratios go beside it")
     args = ap.parse_args()
     torch.set_num_threads(1)
