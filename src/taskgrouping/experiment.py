@@ -82,6 +82,8 @@ def _run(driver: Driver, config: dict[str, Any], resume: bool, echo: Callable[[s
         results[name] = record
         echo(f"[{name}] total test loss {record['total_test_loss']:.4f}; groups "
              f"{groups_inline(record['grouping'], len(data.tasks))}")
+        if res.extra.get("warning"):
+            echo(f"[{name}] warning: {res.extra['warning']}")
     for name in list(results):  # variants (e.g. DMTG's grouping retrained) become rows of their own
         results.update(results[name].pop("variants", {}) or {})
     summary = summarise(config, data, results)

@@ -145,3 +145,31 @@ def test_rewind_continues_from_the_best_held_epoch():
     assert best < 2  # the rewind goes back, not to the last held epoch
     for k, v in objective.seen[f"end_{best}"].items():
         assert torch.equal(objective.seen["start_3"][k], v), k
+
+
+class _Extend(TaskLossObjective):
+    """Asks for one more epoch at the end of epochs 1 and 2 (the plan grows from 3 to 5 epochs)."""
+
+    def on_epoch_end(self, epoch, model):
+        return {"extend": True} if epoch in (1, 2) else {}
+
+
+def test_extend_adds_epochs_past_the_config_and_resumes_to_the_same_weights(tmp_path):
+    """Each ``extend`` fact adds one epoch: 3 planned + 2 = epochs 0-4. A run cut after epoch 3 (its
+    checkpoint) and resumed with the same config finishes the extended plan, to the same weights."""
+    data, model = _setup()
+    full = _fit(model, data, 3, objective=_Extend(data.tasks))
+    assert [h["epoch"] for h in full.history] == [0, 1, 2, 3, 4] and full.epochs_run == 5
+    data, part = _setup()
+    _fit(part, data, 4, checkpoint_dir=tmp_path)  # epochs 0-3 without extending: the same weights so far
+    state = json.loads((tmp_path / "state.json").read_text())
+    for h in state["history"]:
+        h.update({"extend": True} if h["epoch"] in (1, 2) else {})
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    _, fresh = _setup(seed=123)
+    resumed = _fit(fresh, data, 3, checkpoint_dir=tmp_path, resume=True, objective=_Extend(data.tasks))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    again = _fit(fresh, data, 3, checkpoint_dir=tmp_path, resume=True, objective=_Extend(data.tasks))
+    assert again.epochs_run == 5  # a finished extended run does not train again

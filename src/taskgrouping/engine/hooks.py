@@ -50,9 +50,10 @@ class Objective(Protocol):
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None: ...
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, Any] | None:
-        """Facts merged into the epoch's log record. The trainer reads two of them: ``selectable: False``
+        """Facts merged into the epoch's log record. The trainer reads three of them: ``selectable: False``
         (the epoch is not a candidate for the returned model while a later one is, and does not count
-        towards early stopping) and ``rewind: True`` (continue from the best epoch so far)."""
+        towards early stopping), ``rewind: True`` (continue from the best epoch so far) and ``extend: True``
+        (one more epoch than planned: the run may go past ``train.epochs``)."""
         ...
 
     def state_dict(self) -> dict[str, Any] | None:

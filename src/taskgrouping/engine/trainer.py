@@ -20,6 +20,7 @@ pinned memory (``loader_workers``; :func:`~taskgrouping.engine.fit.loader_factor
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -216,10 +217,14 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
     for cb in callbacks:
         cb.on_train_start(model, optimizer)
     writer = _tensorboard_writer(config, checkpoint_dir) if ranks.is_main else None
-    bar = _progress(range(run.start_epoch, config.epochs), desc, config.progress and ranks.is_main,
-                    initial=run.start_epoch, total=config.epochs)
+    # the objective may add epochs past config.epochs, one at a time (``extend``), e.g. while DMTG's S still learns
+    planned = config.epochs + sum(1 for h in run.history if h.get("extend"))
+    bar = _progress(itertools.count(run.start_epoch), desc, config.progress and ranks.is_main,
+                    initial=run.start_epoch, total=planned)
     step = sum(h.get("steps", 0) for h in run.history)
     for epoch in bar:
+        if epoch >= planned:
+            break
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(seed, epoch))
         objective.on_epoch_start(epoch, model)
@@ -254,6 +259,10 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
             run.best["bad_epochs"] += 1
         if record.get("rewind"):  # the objective continues from the best epoch so far (e.g. after DMTG's hold)
             model.load_state_dict(run.best_weights)
+        if record.get("extend"):
+            planned += 1
+            if hasattr(bar, "total"):
+                bar.total = planned
         record["seconds"] = time.perf_counter() - t0
         run.elapsed += record["seconds"]
         run.history.append(record)
@@ -264,7 +273,7 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         stopped = bool(config.early_stopping and run.best["bad_epochs"] >= config.early_stopping)
         if ckpt is not None:
             ckpt.save(model, run.best_weights, optimizer, {
-                "epoch": epoch if not stopped else config.epochs - 1, "history": run.history, "best": run.best,
+                "epoch": epoch if not stopped else planned - 1, "history": run.history, "best": run.best,
                 "elapsed": run.elapsed, "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "objective": objective.state_dict(), "balancer": balancer.state_dict(), "seed": seed,
                 "config": asdict(config), "callbacks": [cb.state_dict() for cb in callbacks]})

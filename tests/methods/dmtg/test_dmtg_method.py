@@ -24,13 +24,14 @@ def test_dmtg_method_end_to_end_records_history():
 
 def test_the_default_recipe_learns_s_from_a_random_start_after_a_fraction_of_the_run():
     """No label statistics: S starts as small noise, is held for round(0.4 x 3) = 1 epoch (every head trains),
-    then learns for the run's 3 epochs (no early stopping: the held epoch is added); results.json records the
-    recipe, the resolved hold and the epochs trained."""
+    then learns for the run's 3 epochs (no early stopping: the held epoch is added) and, S not having converged
+    by then, up to 3 more (``converge_extension`` 1 x train.epochs); results.json records the recipe, the
+    resolved hold and the epochs trained."""
     res = dmtg(method_ctx(small_data(), 2, {}))
     recorded = res.extra["options"]
     assert recorded["recipe"] == "attribution" and recorded["init"] == "noisy" and "init_used" not in recorded
     assert recorded["s_warmup_epochs"] == 1 and recorded["attribution_weight"] > 0
-    assert res.extra["epochs"] == 4 == len(res.extra["dmtg_history"])
+    assert res.extra["epochs"] == 4 and res.extra["epochs_added"] == 3 == len(res.extra["dmtg_history"]) - 4
     probs = [torch.tensor(h["assignment_probs"]) for h in res.extra["dmtg_history"]]
     assert probs[0].max() < 0.7  # held at the start: logits of std 0.1, no group favoured
     assert not torch.equal(probs[1], probs[0])  # then learned
@@ -45,6 +46,21 @@ def test_the_hold_is_added_only_to_a_run_without_early_stopping():
     stopping = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, early_stopping=10))
     assert dmtg(stopping).extra["epochs"] == 3
     assert dmtg(dataclasses.replace(ctx, options={"s_warmup_epochs": 2, "add_hold_epochs": False})).extra["epochs"] == 3
+
+
+def test_a_run_that_would_end_before_s_has_converged_goes_on_until_it_has():
+    """3 steps an epoch leave S unconverged after the run's 3 epochs (+1 held): without the extension the
+    result says so; with room for it, training goes on one epoch at a time and ends at the epoch S converged
+    (one live head per task), on the planted groups."""
+    data = small_data()
+    cut = dmtg(method_ctx(data, 2, {"converge_extension": 0.0})).extra
+    assert cut["s_converged_epoch"] is None and cut["epochs_run"] == 4 and cut["live_heads_final"] > len(data.tasks)
+    assert "had not converged" in cut["warning"]
+    res = dmtg(method_ctx(data, 2, {"converge_extension": 10.0}))
+    done = res.extra
+    assert done["epochs_run"] == done["s_converged_epoch"] + 1 == 4 + done["epochs_added"] <= 4 + 30
+    assert done["live_heads_final"] == len(data.tasks) and "warning" not in done
+    assert sorted(sorted(g) for g in res.grouping.groups) == sorted(sorted(g) for g in data.groups)
 
 
 def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
@@ -75,7 +91,8 @@ def test_assignment_heatmap_is_written(tmp_path):
     png = tmp_path / "dmtg_assignment.png"
     assert res.extra["assignment_figure"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(res.extra["dmtg_history"]) == res.extra["epochs"] == 4  # 3 epochs and the held one
+    # 3 epochs, the held one and those added while S had not converged
+    assert len(res.extra["dmtg_history"]) == res.extra["epochs_run"] == 4 + res.extra["epochs_added"]
     assert len(res.extra["dmtg_history"][0]["assignment_probs"]) == 4
 
 

@@ -98,7 +98,8 @@ def dmtg(ctx: MethodContext) -> MethodResult:
     fit_ctx = ctx
     if opts.add_hold_epochs and not stops_early:  # the hold does not shorten the grouped model's training
         fit_ctx = replace(ctx, train=replace(ctx.train, epochs=ctx.train.epochs + int(opts.s_warmup_epochs)))
-    objective = DMTGObjective(ctx.data.tasks, opts, fit_ctx.train.epochs, early_stopping=stops_early)
+    objective = DMTGObjective(ctx.data.tasks, opts, fit_ctx.train.epochs, early_stopping=stops_early,
+                              max_extension=round(float(opts.converge_extension) * ctx.train.epochs))
     result, _, _ = fit_ctx.fit(model, "dmtg", score_test=False, objective=objective)
     model = result.model
     grouping = model.grouping()
@@ -116,13 +117,18 @@ def dmtg(ctx: MethodContext) -> MethodResult:
                 "assignment_probs": h.get("assignment_probs")} for h in result.history]
     extra: dict[str, Any] = {
         "recipe": opts.recipe, "options": options_record(opts, init_used), "best_epoch": result.best_epoch,
-        "epochs": fit_ctx.train.epochs,
+        "epochs": fit_ctx.train.epochs, "epochs_run": result.epochs_run, "epochs_added": objective.extended,
         "assignment_probs": model.probabilities().tolist(), "S": model.S.detach().tolist(),
         "live_heads_final": int(model.live.sum()), "live_heads_history": [h["live_heads"] for h in history],
         "dmtg_history": history, "warm_start_seconds": warm_seconds, "s_converged_epoch": objective.converged_at,
         "affinity_prior": affinity.tolist() if affinity is not None else None,
         "one_shot": opts.finetune_epochs == 0,
     }
+    if opts.select_converged and objective.converged_at is None:
+        steps = sum(h.get("steps", 0) for h in result.history[int(opts.s_warmup_epochs):])
+        extra["warning"] = (f"S had not converged when training ended ({steps} steps after the hold); the grouping "
+                            "is S's argmax: give it more steps (train.epochs, a smaller train.batch_size or "
+                            "dmtg.converge_extension)")
     variants = {f"retrain_{init}": fit_grouping(ctx, grouping, f"retrain_{init}", init=init) for init in opts.retrain}
     if variants:
         extra["variants"] = variants

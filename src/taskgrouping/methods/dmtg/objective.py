@@ -12,7 +12,8 @@ branches train exactly as the initial grouping would and L_ik is a fair measure 
 the start and the attribution affinity measured meanwhile does not echo the start); head pruning once a
 task's row of S has converged; ``select_converged`` (the result is chosen among the epochs after S has
 converged, so early stopping cannot end S's learning; with ``rewind`` training then continues from the
-best epoch's weights with S's learned assignment, shrunk and perturbed where the run stops early); the
+best epoch's weights with S's learned assignment, shrunk and perturbed where the run stops early; a run
+that would end before S has converged goes on, up to ``max_extension`` epochs); the
 ``attribution_weight`` pull of S towards branches whose tasks read the same inputs
 (:mod:`taskgrouping.methods.dmtg.attribution`); and the opt-in ``mates_weight`` pull of S_i towards the
 branches whose tasks' gradients agree with task i's, effects that S's own-loss gradient cannot see
@@ -45,10 +46,12 @@ class DMTGObjective(ObjectiveBase):
     """
 
     def __init__(self, tasks: list[Task], opts: DMTGOptions, epochs: int | None = None,
-                 early_stopping: bool = False) -> None:
+                 early_stopping: bool = False, max_extension: int = 0) -> None:
         self.tasks = {t.name: t for t in tasks}
         self.opts = opts
         self.epochs = epochs  # the run's length: warm-up epochs are held back from selection if S learns after them
+        self.max_extension = max_extension  # epochs the run may go past ``epochs`` while S has not converged
+        self.extended = 0  # epochs added so far
         self.early_stopping = early_stopping  # the run stops early: shrink and perturb at the rewind (see below)
         self.tau = self.tau_at(0)
         self.warming_up = int(opts.s_warmup_epochs) > 0
@@ -63,12 +66,14 @@ class DMTGObjective(ObjectiveBase):
     def state_dict(self) -> dict[str, Any]:
         return {"mates": None if self.mates is None else self.mates.tolist(), "calls": self.calls,
                 "measured": self.measured, "converged_at": self.converged_at, "learned": self.learned,
+                "extended": self.extended,
                 "attribution": None if self.attribution is None else self.attribution.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mates = None if state.get("mates") is None else torch.tensor(state["mates"])
         self.calls, self.measured = int(state.get("calls", 0)), int(state.get("measured", 0))
         self.converged_at, self.learned = state.get("converged_at"), state.get("learned")
+        self.extended = int(state.get("extended", 0))
         if self.attribution is not None and state.get("attribution") is not None:
             self.attribution.load_state_dict(state["attribution"])
 
@@ -215,6 +220,10 @@ class DMTGObjective(ObjectiveBase):
                       and (self.epochs is None or epoch < self.epochs - 1))
             if self.converged_at is None or rewind:
                 facts["selectable"] = False  # S is still learning: early stopping must not end it
+            if (self.converged_at is None and self.epochs is not None and epoch >= self.epochs + self.extended - 1
+                    and self.extended < self.max_extension):
+                facts["extend"] = True  # the run would end with S still learning: one more epoch
+                self.extended += 1
             if rewind:
                 facts["rewind"] = True
                 self.learned = {n: getattr(model, n).detach().cpu().tolist() for n in ("S", "live", "low_epochs")}

@@ -26,29 +26,34 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(warm_start=True, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                   grad_scaling="intended", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
                   s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
-                  select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False),
+                  select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False,
+                  converge_extension=0.0),
     # The released configs: no warm start, 1/sqrt(K) applied to branches and heads (their code's bug).
     "paper_code": dict(warm_start=False, init="uniform", tau=2.5, tau_schedule="constant", s_lr=None,
                        grad_scaling="authors_code", hard=False, samples=1, entropy_weight=0.0, head_pruning=False,
                        s_warmup_epochs=0, s_warmup_fraction=0.0, warmup="gumbel", attribution_weight=0.0,
-                       select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False),
+                       select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False,
+                       converge_extension=0.0),
     # Ours: a label prior held fixed while the branches specialise, then S learned faster, with several
     # Gumbel draws per step, and collapsed heads pruned.
     "robust": dict(warm_start=False, init="auto", tau=1.0, tau_schedule="constant", s_lr=0.05,
                    grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
                    s_warmup_epochs=3, s_warmup_fraction=0.0, warmup="probe", attribution_weight=0.0,
-                   select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False),
+                   select_converged=False, rewind=False, shrink=1.0, add_hold_epochs=False,
+                   converge_extension=0.0),
     # Ours, learned from training signals only: a small random start (no label statistics); for the first
     # 40 % of the run every task trains every branch alike (so nothing depends on the start) while the
     # tasks' input-attribution affinity is measured; then S is pulled towards the branches whose tasks read
     # the same inputs (methods/dmtg/attribution.py), besides its own-loss gradient; the result is chosen
     # after S has converged, training on from the best epoch's weights with S's assignment: shrunk and perturbed
-    # where the run stops early, for as many more epochs as S was held where it does not.
+    # where the run stops early, for as many more epochs as S was held where it does not; a run that would
+    # end before S has converged goes on until it has (at most train.epochs more epochs).
     # Recovery rates per benchmark: benchmarks/results/dmtg_learning_attribution.md.
     "attribution": dict(warm_start=False, init="noisy", tau=1.0, tau_schedule="constant", s_lr=0.05,
                         grad_scaling="intended", hard=False, samples=4, entropy_weight=0.0, head_pruning=True,
                         s_warmup_epochs=3, s_warmup_fraction=0.4, warmup="uniform", attribution_weight=20.0,
-                        select_converged=True, rewind=True, shrink=0.6, add_hold_epochs=True),
+                        select_converged=True, rewind=True, shrink=0.6, add_hold_epochs=True,
+                        converge_extension=1.0),
 }
 #: how S is initialised (``auto``: ``labels`` where the label prior is defined, else ``noisy``)
 INITS = ("auto", "uniform", "noisy", "prior", "affinity", "labels")
@@ -82,7 +87,10 @@ class DMTGOptions(MethodOptions):
     ``shrink`` (at that rewind, in a run with early stopping, every weight but S is multiplied by ``shrink``
     and Gaussian noise of std ``perturb`` added; 1 = off) and ``add_hold_epochs`` (in a run without early
     stopping, DMTG trains ``train.epochs`` plus the held epochs: the hold finds the grouping, and does not
-    come out of the grouped model's training).
+    come out of the grouped model's training) and ``converge_extension`` (with ``select_converged``: where
+    S has not converged when the run would end, it goes on one epoch at a time until S has, for at most
+    ``converge_extension × train.epochs`` epochs; S's learning is counted in steps, and a small table has
+    few per epoch).
     Values are resolved on creation: ``dataclasses.replace(opts, recipe=...)`` keeps the old recipe's.
     """
 
@@ -113,6 +121,7 @@ class DMTGOptions(MethodOptions):
     shrink: float | None = None  # at the rewind after S converged, with early stopping: weights x shrink + noise
     perturb: float = 0.01  # std of that noise
     add_hold_epochs: bool | None = None  # without early stopping: train.epochs + the held epochs in all
+    converge_extension: float | None = None  # S unconverged at the end: up to this x train.epochs more epochs
     warmup: str | None = None
     affinity_batches: int = 20  # training batches of the gradient-affinity prior (init=affinity)
     finetune_epochs: int = 0  # epochs to fine-tune the pruned model (0: one-shot)
@@ -147,6 +156,7 @@ class DMTGOptions(MethodOptions):
             expect_number(key, getattr(self, key))
         expect_number("shrink", self.shrink, low=0, high=1, low_open=True)
         expect_number("perturb", self.perturb, low=0)
+        expect_number("converge_extension", self.converge_extension, low=0)
         expect_number("prune_threshold", self.prune_threshold, low=0)
         expect(self.prune_threshold < 1, "prune_threshold", "< 1", self.prune_threshold)
         expect_int("samples", self.samples, low=1)
