@@ -46,6 +46,26 @@ def test_straight_through_gate_forward_is_hard_and_gradient_is_sigmoid_derivativ
     assert alpha.grad.flatten().tolist() == pytest.approx([v for row in expected for v in row], rel=1e-6)
 
 
+@pytest.mark.parametrize("dim,shape", [(1, (3, 4, 5, 5)), (-1, (3, 7, 4))])
+def test_gate_select_has_the_gradients_of_its_formula_for_any_gate_value(dim, shape):
+    """Against ``G ⊙ own + (1 − G) ⊙ shared`` written out, with soft gates in [0, 1] (values and every
+    gradient: own, shared and the gate), channels on ``dim``."""
+    torch.manual_seed(0)
+    own, shared = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    gate = torch.rand(shape[dim], requires_grad=True)
+    upstream = torch.randn(shape)
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    results = []
+    for f in (lambda: gate_select(gate, own, shared, dim),
+              lambda: gate.view(view) * own + (1 - gate.view(view)) * shared):
+        out = f()
+        grads = torch.autograd.grad(out, (own, shared, gate), upstream)
+        results.append((out, *grads))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_beta_mixing_is_a_per_channel_softmax_over_tasks():
     beta = torch.tensor([[0.0, math.log(3.0)], [math.log(4.0), 0.0]])  # C=2, T=2
     streams = [torch.tensor([[1.0, 10.0]]), torch.tensor([[5.0, 20.0]])]

@@ -8,22 +8,41 @@ re-assembles every task's ``φ'_t = G_t ⊙ φ_t + (1 − G_t) ⊙ ψ`` by index
 outputs equal the gated network's in eval mode. It is built from ``torch.nn`` layers and this
 package's modules only, so :mod:`~taskgrouping.methods.interrogate.serialization` can save and
 rebuild it without the gated network or the backbone builders.
+
+How it runs (:class:`CompiledInterroGate`): a task stream needs the shared stream only where it reads
+shared channels, and the shared stream needs the task streams only through its β mixture. So each task
+runs ahead, one task at a time, as far as it can without the shared stream (its own copy of the next
+gated layer, the layers between, and everything after the shared stream's last use, heads included),
+and the mixture is accumulated task by task. Where no shared channel is read this is exactly the
+single-task networks' depth-first order; elsewhere it keeps one task's activations in cache at a time
+instead of every task's at every layer. The first gated layer, where every stream reads the same
+input, runs per task at full width with the shared rows swapped in (:class:`MergedUnit`) when that
+moves less memory than slicing it (:func:`merge_pays`), and the other pruned copies are widened to a
+multiple of :data:`ALIGN` channels (:func:`align_unit`), widths the CPU kernels run fast. Outputs
+equal the gated network's up to float rounding where a wider or merged matrix product sums in another
+order (the mixture sums in the gated network's order, bit for bit); FLOPs count what runs, so the merged
+layer and the widening add to the kept channels' count (:func:`kept_channels_only` builds the network
+of the kept channels alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskgrouping.methods.interrogate.gates import mix_streams
-from taskgrouping.methods.interrogate.pruning import prune_norm, prune_output_channels, prune_weight_layer
+from taskgrouping.methods.interrogate.pruning import (can_concat_output_channels, concat_output_channels,
+                                                      pad_output_channels, prune_norm, prune_output_channels,
+                                                      prune_weight_layer)
 from taskgrouping.models.resnet import BasicBlock, ZeroPadShortcut
+from taskgrouping.models.vit import PatchEmbedding
 
-__all__ = ["TRANSFORMER_ROLES", "role_key", "multi_head_attention", "GateAssembly", "CompiledUnit",
+__all__ = ["TRANSFORMER_ROLES", "role_key", "multi_head_attention", "GateAssembly", "Mixture", "CompiledUnit",
+           "MergedUnit", "MEMORY_COST", "ALIGN", "merge_pays", "merge_first_unit", "align_unit", "kept_channels_only",
            "CompiledStreamOp", "ResidualOutput", "residual_output", "CompiledBasicBlock", "CompiledTransformerBlock",
            "CompiledInterroGate"]
 
@@ -33,8 +52,9 @@ TRANSFORMER_ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "ffn.fc1", "ffn.f
 
 class GateAssembly(nn.Module):
     """Re-assembles every task's ``φ'_t`` of one gated layer from the channels the compiled
-    network computes: task ``t``'s kept own channels followed by the shared kept channels,
-    gathered by a fixed index. Also mixes the shared stream's next input when it is needed.
+    network computes: task ``t``'s own part (its kept channels, plus zero channels where
+    :func:`align_unit` widened it) followed by the shared part, gathered by the fixed index
+    ``index_t``. Also mixes the shared stream's next input when it is needed.
 
     Args:
         masks: ``G`` as bool (T × C).
@@ -76,20 +96,51 @@ class GateAssembly(nn.Module):
     def task_keep(self, t: int) -> Tensor:
         return getattr(self, f"keep_{t}")
 
+    def assemble(self, t: int, shared_part: Tensor | None, own_part: Tensor | None) -> Tensor:
+        """Task ``t``'s ``φ'_t`` from its kept own channels and the shared kept channels. A task that
+        reads only one of them in channel order gets that tensor itself (no copy)."""
+        parts = []
+        if self.n_own[t]:
+            parts.append(own_part)
+        if self.uses_shared[t]:
+            parts.append(shared_part)
+        full = parts[0] if len(parts) == 1 else torch.cat(parts, self.channel_dim)
+        return full.index_select(self.channel_dim, getattr(self, f"index_{t}")) if self.gather[t] else full
+
     def forward(self, shared_part: Tensor | None, own_parts: Sequence[Tensor | None]) -> list[Tensor]:
-        out = []
-        for t in range(self.n_tasks):
-            parts = []
-            if self.n_own[t]:
-                parts.append(own_parts[t])
-            if self.uses_shared[t]:
-                parts.append(shared_part)
-            full = parts[0] if len(parts) == 1 else torch.cat(parts, self.channel_dim)
-            out.append(full.index_select(self.channel_dim, getattr(self, f"index_{t}")) if self.gather[t] else full)
-        return out
+        return [self.assemble(t, shared_part, own_parts[t]) for t in range(self.n_tasks)]
 
     def mix_streams(self, streams: Sequence[Tensor]) -> Tensor:
-        return mix_streams(streams, self.mix, self.channel_dim)
+        """``ψ' = Σ_t softmax(β)_t ⊙ φ'_t`` (see :class:`Mixture`)."""
+        mix = Mixture(self.mix, self.channel_dim)
+        for t, s in enumerate(streams):
+            mix.add(t, s)
+        return mix.result()
+
+
+class Mixture:
+    """Accumulates the shared stream's next input ``ψ' = Σ_t w_t ⊙ φ'_t`` one task at a time (so a
+    task's ``φ'_t`` can be dropped once its turn is over), into one buffer, in task order with each
+    product rounded before it is added, as :func:`~taskgrouping.methods.interrogate.gates.mix_streams`
+    does: the same bits as the gated network (a fused multiply-add would round differently)."""
+
+    def __init__(self, weights: Tensor, channel_dim: int) -> None:
+        self.weights = weights
+        self.channel_dim = channel_dim
+        self.out: Tensor | None = None
+        self.per_task: Tensor | None = None  # weights as (T, 1, .., C, .., 1), made at the first term
+
+    def add(self, t: int, s: Tensor) -> None:
+        if self.per_task is None:
+            shape = [1] * s.ndim
+            shape[self.channel_dim] = self.weights.shape[0]
+            self.per_task = self.weights.t().reshape([self.weights.shape[1]] + shape).to(s.dtype)
+        w = self.per_task[t]
+        self.out = s * w if self.out is None else self.out.add_(s * w)
+
+    def result(self) -> Tensor:
+        assert self.out is not None
+        return self.out
 
 
 class CompiledUnit(nn.Module):
@@ -103,11 +154,147 @@ class CompiledUnit(nn.Module):
         self.shared = shared if shared is not None else nn.Identity()
         self.tasks = nn.ModuleList(m if m is not None else nn.Identity() for m in tasks)
 
+    def own(self, t: int, x: Tensor) -> Tensor | None:
+        """Task ``t``'s kept own channels (needs nothing from the shared stream)."""
+        return self.tasks[t](x) if self.has_own[t] else None
+
+    def shared_part(self, shared: Tensor | None) -> Tensor | None:
+        return self.shared(shared) if self.has_shared else None
+
     def forward(self, shared: Tensor | None, tasks: list[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
-        sp = self.shared(shared) if self.has_shared else None
-        own = [m(x) if h else None for m, x, h in zip(self.tasks, tasks, self.has_own)]
-        out = self.assembly(sp, own)
+        sp = self.shared_part(shared)
+        out = self.assembly(sp, [self.own(t, x) for t, x in enumerate(tasks)])
         return (self.assembly.mix_streams(out) if self.assembly.mixture else None), out
+
+
+#: Multiply-adds that cost as much as moving one float through memory once (a read or a write) on
+#: one CPU core; measured on the AVX-512 CPU these choices were tuned on (a 16 -> 32 channel 3x3
+#: convolution runs ~45 G multiply-adds/s, a copy of a feature map moves ~10 G floats/s).
+MEMORY_COST = 4.0
+
+
+def _macs_per_output(layer: nn.Module) -> int:
+    """Multiply-adds per output element of a weight layer."""
+    if isinstance(layer, PatchEmbedding):
+        layer = layer.proj
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    raise TypeError(f"not a weight layer: {type(layer).__name__}")
+
+
+def merge_pays(unit: CompiledUnit) -> bool:
+    """Whether a gated layer whose streams all read the same input runs faster merged
+    (:class:`MergedUnit`). A deterministic cost per output position, in multiply-adds: the sliced form
+    computes the kept channels once (``n_shared + Σ n_own`` outputs) and then copies them into each
+    task's ``φ'_t`` (a concatenation and a gather); the merged form computes ``T × C`` outputs and
+    copies nothing. Layers with few multiply-adds per output (a first convolution on raw pixels)
+    are bound by those copies and merge; wide ones (a patch embedding, a linear layer on many
+    features) keep the fewer multiply-adds of the sliced form."""
+    asm = unit.assembly
+    first = next(iter(unit.shared.children())) if unit.has_shared else None
+    if first is None:
+        return False
+    per_output = _macs_per_output(first) + MEMORY_COST  # compute + write one output element
+    channels = len(getattr(asm, "index_0"))
+    kept = asm.n_shared + sum(asm.n_own)
+    copies = 0
+    for t in range(asm.n_tasks):
+        if asm.gather[t]:
+            both = asm.n_own[t] > 0 and asm.uses_shared[t]
+            copies += 2 * channels + (2 * (asm.n_own[t] + asm.n_shared) if both else 0)
+    sliced = per_output * kept + MEMORY_COST * copies
+    merged = per_output * asm.n_tasks * channels
+    return merged <= sliced
+
+
+class MergedUnit(nn.Module):
+    """A gated layer whose streams all read the same input (the first gated layer), run as one
+    full-width layer per task: ``tasks[t]`` computes channel ``c`` with task ``t``'s own weights where
+    ``G_t = 1`` and the shared stream's elsewhere, so its output is ``φ'_t`` itself - the single-task
+    network's layer with some rows swapped. No shared copy runs and nothing is gathered, at the price
+    of computing a shared channel once per task that reads it (see :func:`merge_pays`). Build it with
+    :meth:`from_unit`."""
+
+    def __init__(self, assembly: GateAssembly, tasks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.assembly = assembly
+        self.tasks = nn.ModuleList(tasks)
+
+    @classmethod
+    def from_unit(cls, unit: CompiledUnit) -> "MergedUnit":
+        """The merged equivalent of ``unit`` (whose streams must all read the same input)."""
+        asm = unit.assembly
+        merged = []
+        for t, own in enumerate(unit.tasks):
+            parts = ([own] if asm.n_own[t] else []) + ([unit.shared] if asm.uses_shared[t] else [])
+            rows = parts[0] if len(parts) == 1 else concat_output_channels(parts)
+            merged.append(prune_output_channels(rows, getattr(asm, f"index_{t}")) if asm.gather[t]
+                          else copy.deepcopy(rows))
+        return cls(asm, merged)
+
+    def task(self, t: int, x: Tensor) -> Tensor:
+        return self.tasks[t](x)
+
+    def forward(self, shared: Tensor | None, tasks: list[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
+        out = [self.task(t, x) for t, x in enumerate(tasks)]
+        return (self.assembly.mix_streams(out) if self.assembly.mixture else None), out
+
+
+def merge_first_unit(items: Sequence[nn.Module]) -> list[nn.Module]:
+    """``items`` with the first gated layer replaced by its :class:`MergedUnit` where every stream reads
+    the same input there (only parameter-free ungated layers before it), it reads the shared stream
+    and :func:`merge_pays`."""
+    out = list(items)
+    for i, item in enumerate(out):
+        if isinstance(item, CompiledStreamOp) and not item.per_stream and item.has_shared:
+            continue
+        if isinstance(item, CompiledUnit) and item.has_shared:
+            copies = [item.shared] + [m for m, h in zip(item.tasks, item.has_own) if h]
+            if can_concat_output_channels(list(copies)) and merge_pays(item):
+                out[i] = MergedUnit.from_unit(item)
+        break
+    return out
+
+
+#: Pruned copies of a gated layer are widened to a multiple of this many output channels (at most
+#: the layer's width): CPU kernels (oneDNN convolutions, MKL matrix products) are markedly slower on
+#: other widths - a linear layer 1568 -> 31 takes twice as long as 1568 -> 32 - while the STL
+#: networks' widths are aligned already. The appended channels are zero and dropped by the gather
+#: that assembles ``φ'_t``.
+ALIGN = 8
+
+
+def _aligned(width: int, channels: int) -> int:
+    return min(-(-width // ALIGN) * ALIGN, channels)
+
+
+def _width(ops: nn.Module) -> int:
+    """Output channels of a copy (weight layer + tail)."""
+    first = ops[0]
+    return first.proj.out_channels if isinstance(first, PatchEmbedding) else first.weight.shape[0]
+
+
+def align_unit(unit: CompiledUnit) -> CompiledUnit:
+    """Widen ``unit``'s pruned copies to a multiple of :data:`ALIGN` channels (in place; again is a
+    no-op) and point its assembly's gathers past the appended zero channels. Outputs are unchanged up
+    to float rounding (:func:`~taskgrouping.methods.interrogate.pruning.pad_output_channels`)."""
+    asm = unit.assembly
+    channels = len(getattr(asm, "index_0"))
+    if unit.has_shared and _width(unit.shared) < _aligned(asm.n_shared, channels):
+        unit.shared = pad_output_channels(unit.shared, _aligned(asm.n_shared, channels))
+    for t in range(asm.n_tasks):
+        if not unit.has_own[t]:
+            continue
+        width, target = _width(unit.tasks[t]), _aligned(asm.n_own[t], channels)
+        if width >= target:
+            continue
+        unit.tasks[t] = pad_output_channels(unit.tasks[t], target)
+        index = getattr(asm, f"index_{t}")  # positions in (own part, shared part): shift the shared ones
+        setattr(asm, f"index_{t}", torch.where(index < width, index, index - width + target))
+        asm.gather[t] = True
+    return unit
 
 
 class CompiledStreamOp(nn.Module):
@@ -122,9 +309,11 @@ class CompiledStreamOp(nn.Module):
         self.has_shared = shared is not None
         self.shared = shared if shared is not None else nn.Identity()
 
+    def task(self, t: int, x: Tensor) -> Tensor:
+        return self.tasks[t if self.per_stream else 0](x)
+
     def forward(self, shared: Tensor | None, tasks: list[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
-        out = [m(x) for m, x in zip(self.tasks, tasks)] if self.per_stream else [self.tasks[0](x) for x in tasks]
-        return (self.shared(shared) if self.has_shared else None), out
+        return (self.shared(shared) if self.has_shared else None), [self.task(t, x) for t, x in enumerate(tasks)]
 
 
 class ResidualOutput(nn.Module):
@@ -230,25 +419,109 @@ class CompiledTransformerBlock(nn.Module):
         return (a["ffn_fc2"].mix_streams(xt) if a["ffn_fc2"].mixture else None), xt
 
 
+_EXECUTION_FORMS = [True]
+
+
+@contextlib.contextmanager
+def kept_channels_only() -> Iterator[None]:
+    """Inside, compiled networks are built without :func:`merge_first_unit` and :func:`align_unit`:
+    every copy computes exactly its kept channels, the network whose FLOPs InterroGate's paper counts
+    (same outputs, slower on CPUs). For counting those FLOPs: ``with kept_channels_only(): gated.compile()``."""
+    _EXECUTION_FORMS.append(False)
+    try:
+        yield
+    finally:
+        _EXECUTION_FORMS.pop()
+
+
 class CompiledInterroGate(nn.Module):
     """The static network InterroGate leaves at inference: ``forward(x) -> {task: prediction}``.
 
     ``stem`` (the ungated shared prefix) runs once; ``items`` run the pruned shared and task
-    streams; ``heads[i]`` predicts ``task_names[i]``.
+    streams; ``heads[i]`` predicts ``task_names[i]``. The first gated layer may become a
+    :class:`MergedUnit` (:func:`merge_first_unit`) and the other pruned layers are widened
+    (:func:`align_unit`), unless built inside :func:`kept_channels_only`. ``forward`` runs each task as
+    far as it can without the shared stream before the next task (module docstring).
     """
 
     def __init__(self, stem: nn.Module, items: Sequence[nn.Module], heads: Sequence[nn.Module],
                  task_names: Sequence[str]) -> None:
         super().__init__()
         self.stem = stem
+        if _EXECUTION_FORMS[-1]:
+            items = [align_unit(i) if isinstance(i, CompiledUnit) else i for i in merge_first_unit(items)]
         self.items = nn.ModuleList(items)
         self.heads = nn.ModuleList(heads)
         self.task_names = list(task_names)
 
+    @staticmethod
+    def _advance(items: list[nn.Module], head: nn.Module, t: int, x: Tensor, start: int,
+                 mixes: dict[int, Mixture]) -> tuple[int, str, Tensor | None]:
+        """Run task ``t`` from ``items[start]`` on ``x`` until it needs the shared stream. Returns the
+        item it stopped at and what it holds there: ``"own"`` (that gated layer's own part),
+        ``"input"`` (the item's input) or ``"out"`` (past the last item: ``head``'s prediction).
+        Mixtures of gated layers passed on the way are accumulated in ``mixes``."""
+        for k in range(start, len(items)):
+            item = items[k]
+            if isinstance(item, CompiledStreamOp):
+                x = item.task(t, x)
+                continue
+            if isinstance(item, MergedUnit):
+                x = item.task(t, x)
+            elif isinstance(item, CompiledUnit):
+                own = item.own(t, x)
+                if item.has_shared:
+                    return k, "own", own
+                x = item.assembly.assemble(t, None, own)
+            else:
+                return k, "input", x
+            asm = item.assembly
+            if asm.mixture:
+                mixes.setdefault(k, Mixture(asm.mix, asm.channel_dim)).add(t, x)
+        return len(items), "out", head(x)
+
+    @staticmethod
+    def _shared_input(items: list[nn.Module], stop: int, source: tuple[int, Tensor | None]) -> Tensor | None:
+        """The shared stream at ``items[stop]``: ``source`` (item index, its shared output) carried
+        through the ungated layers in between."""
+        k, s = source
+        for item in items[k + 1:stop]:
+            s = item.shared(s) if isinstance(item, CompiledStreamOp) and item.has_shared and s is not None else None
+        return s
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.stem(x)
-        shared: Tensor | None = z
-        tasks = [z] * len(self.task_names)
-        for item in self.items:
-            shared, tasks = item(shared, tasks)
-        return {t: h(f) for t, h, f in zip(self.task_names, self.heads, tasks)}
+        items, heads = list(self.items), list(self.heads)
+        n_tasks = len(self.task_names)
+        mixes: dict[int, Mixture] = {}
+        runs = [self._advance(items, heads[t], t, z, 0, mixes) for t in range(n_tasks)]
+        stop, kind = runs[0][0], runs[0][1]  # every task stops at the same item
+        values = [v for _, _, v in runs]
+        source: tuple[int, Tensor | None] = (-1, z)  # the latest shared-stream output and its item
+        while kind != "out":
+            if mixes:
+                last = max(mixes)
+                source = (last, mixes[last].result())
+            item = items[stop]
+            shared = self._shared_input(items, stop, source)
+            shared_part: Tensor | None = None
+            outputs: list[Tensor] | None = None
+            if kind == "own":  # a gated layer: its shared part once, then each task's φ'_t
+                shared_part = item.shared_part(shared)
+                mixes = {stop: Mixture(item.assembly.mix, item.assembly.channel_dim)} if item.assembly.mixture else {}
+                source = (stop, None)
+            else:  # a gated block run whole, on every task's input at once
+                shared_out, outputs = item(shared, values)
+                mixes, source = {}, (stop, shared_out)
+            runs = []
+            for t in range(n_tasks):
+                f = item.assembly.assemble(t, shared_part, values[t]) if outputs is None else outputs[t]
+                values[t] = None  # each task's input is freed once used
+                if outputs is not None:
+                    outputs[t] = None
+                if stop in mixes:
+                    mixes[stop].add(t, f)
+                runs.append(self._advance(items, heads[t], t, f, stop + 1, mixes))
+            stop, kind = runs[0][0], runs[0][1]
+            values = [v for _, _, v in runs]
+        return {name: v for name, v in zip(self.task_names, values)}

@@ -25,6 +25,7 @@ from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.baselines import fit_grouping, naive_mtl_model
 from taskgrouping.flops import count_flops, count_parameters
+from taskgrouping.methods.interrogate.compiled import kept_channels_only
 from taskgrouping.methods.interrogate.network import GatedNetwork, build_gated_network
 from taskgrouping.methods.interrogate.objective import InterroGateObjective
 from taskgrouping.methods.interrogate.options import InterroGateOptions
@@ -111,6 +112,8 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     result, val, _ = gated_ctx.fit(model, "interrogate", score_test=False, objective=objective)
     gated: GatedNetwork = result.model
     compiled = gated.compile().eval()
+    with kept_channels_only():  # the pruned network InterroGate's paper counts (no merged or widened layers)
+        kept = gated.compile().eval()
     device = next(gated.parameters()).device
     _, _, test_loader = ctx.loaders()
     test = evaluate(compiled, test_loader, ctx.data.tasks, device=device)
@@ -124,10 +127,11 @@ def interrogate(ctx: MethodContext) -> MethodResult:
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "baseline_seconds": baseline_seconds,
-        "flops": {"gated": count_flops(gated, shape), "compiled": count_flops(compiled, shape), **reference_flops(ctx)},
+        "flops": {"gated": count_flops(gated, shape), "compiled": count_flops(kept, shape),
+                  "compiled_executed": count_flops(compiled, shape), **reference_flops(ctx)},
         "params": {"gated": count_parameters(gated, gated.gate_parameters()),
                    "gates": sum(p.numel() for p in gated.gate_parameters()),
-                   "compiled": count_parameters(compiled)},
+                   "compiled": count_parameters(kept), "compiled_executed": count_parameters(compiled)},
         "task_specific_fraction": {t: sum(r["task_specific_fraction"][t] for r in pattern) / len(pattern)
                                    for t in names},
         "sharing_pattern": pattern,
