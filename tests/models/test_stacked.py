@@ -23,8 +23,9 @@ _load_builtin_backbones()
 SHAPES = {"mlp": (12,), "small_cnn": (1, 28, 28)}
 IMAGE = (3, 32, 32)
 # backbones whose fp32 loop is within 1e-6 of fp64 at these sizes, so a fixed 1e-6 bound between the two fp32
-# forms means something; elsewhere the loop itself is further from fp64 (gradients: resnet18 8e-6 and xception
-# 4e-4, batch norm over 1x1 / 2x2 maps; vit 1.2e-5, attention) and the bound is "as accurate as the loop"
+# forms means something; elsewhere the loop itself is further from fp64 (gradients: resnet18 6-8e-6 and xception
+# 3e-6 to 4e-4 depending on the CPU, batch norm over 1x1 / 2x2 maps; vit 1.2e-5, attention) and the bound is
+# "as accurate as the loop, or as the problem's sensitivity to rounding allows"
 WELL_CONDITIONED = ("mlp", "small_cnn", "resnet20", "tag_resnet")
 
 
@@ -73,13 +74,21 @@ def test_stacked_equals_the_loop_in_float64_on_every_backbone(name, training):
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_stacked_float32_is_as_accurate_as_the_loop(name):
+    """Against float64: the stacked form's error is at most 3 x the larger of the loop's error and the
+    problem's own sensitivity (how far float64 moves when the input moves by float32 rounding): where
+    batch norm over 1x1 maps amplifies rounding ~1e4-fold (xception's gradients), which of two fp32
+    summation orders lands nearer float64 is luck of the CPU's kernels, and neither can be closer than that."""
     nets, x = _nets(name)
-    twins, exact = copy.deepcopy(nets), [copy.deepcopy(n).double() for n in nets]
+    twins, exact, exact_too = (copy.deepcopy(nets), [copy.deepcopy(n).double() for n in nets],
+                               [copy.deepcopy(n).double() for n in nets])
     loop, stacked, ref = _run(nets, x, False), _run(twins, x, True), _run(exact, x.double(), False)
+    noise = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    moved = _run(exact_too, x.double() * (1 + torch.finfo(torch.float32).eps * noise), False)
     for what in (0, 1):  # outputs, gradients
         if name in WELL_CONDITIONED:
             assert _rel(stacked[what], loop[what]) <= 1e-6
-        assert _rel(stacked[what], ref[what]) <= 3 * _rel(loop[what], ref[what]) + 1e-7
+        floor = max(_rel(loop[what], ref[what]), _rel(moved[what], ref[what]))
+        assert _rel(stacked[what], ref[what]) <= 3 * floor + 1e-7
 
 
 def test_one_input_per_module_and_a_custom_call():
