@@ -9,6 +9,10 @@ makes them run one after another (``loop``) or as one ``torch.func.vmap`` call (
 3. DMTG step (K branches with all heads, steps that learn S, no shared blocks), ÷ (K x naive), K = 2..5;
 4. InterroGate training step (gated network of T + 1 = 9 streams, its sparsity loss and the gates'
    own Adam optimiser, lr 0.01, included), ÷ single-task step in the same mode and ÷ naive;
+   Beside it, InterroGate's gate selections and β mixtures alone (``G ⊙ φ + (1 − G) ⊙ ψ`` and
+   ``Σ_t softmax(β)_t ⊙ φ'_t``, forward and backward, on the activation shapes of one step): the
+   elementwise work its T + 1 convolution streams cannot avoid, so that ((T + 1)/T x STL step + those
+   ops) ÷ STL step is the floor of the InterroGate ratio with these ops;
 5. inference (eval, no grad) of InterroGate's compiled network ÷ the 8 single-task networks for the
    forced gate patterns of bench_interrogate.py (all task-specific, 75 / 50 / 25 %, all shared), with
    two FLOPs ratios: the kept channels alone (the pruned network InterroGate's paper counts, built with
@@ -54,7 +58,7 @@ from taskgrouping.engine.trainer import TrainConfig, make_optimizer, set_branch_
 from taskgrouping.flops import count_flops
 from taskgrouping.io import atomic_write_json, atomic_write_text
 from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, DMTGOptions
-from taskgrouping.methods.interrogate import InterroGateObjective, InterroGateOptions, build_gated_network
+from taskgrouping.methods.interrogate import GatePoint, InterroGateObjective, InterroGateOptions, build_gated_network
 from taskgrouping.methods.interrogate.compiled import kept_channels_only
 from taskgrouping.models.backbones import build_backbone, output_shape
 from taskgrouping.models.branched import build_branched_model
@@ -188,6 +192,47 @@ def step_fn(model, objective, x, y) -> Callable[[], None]:
     return step
 
 
+def gate_ops_fn(model, x, device) -> Callable[[], None]:
+    """InterroGate's gate selections and mixtures alone, forward and backward, on fresh tensors of the
+    shapes one forward pass of ``model`` (a gated network, loop mode) gives them, with the same gate points
+    (their α and β take gradients): each selection's T own streams and shared stream, each mixture of its
+    output where the network mixes it. Gradients are returned (``torch.autograd.grad``), as they are passed
+    on to the convolutions in a step, not accumulated."""
+    calls: list[tuple[GatePoint, torch.Size, int]] = []
+    mixed: set[int] = set()
+    select, mix = GatePoint.select, GatePoint.mix
+
+    def record_select(point, shared, own):
+        calls.append((point, shared.shape, len(own)))
+        return select(point, shared, own)
+
+    def record_mix(point, streams):
+        mixed.add(id(point))
+        return mix(point, streams)
+
+    GatePoint.select, GatePoint.mix = record_select, record_mix
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        GatePoint.select, GatePoint.mix = select, mix
+    g = torch.Generator(device=device).manual_seed(0)
+    inputs = [[torch.randn(shape, device=device, generator=g, requires_grad=True) for _ in range(n + 1)]
+              for _, shape, n in calls]
+    # the last layer's β mixes nothing (no shared stream after it): unused leaves are allowed
+    leaves = [t for group in inputs for t in group] + [p for point, _, _ in calls for p in (point.alpha, point.beta)]
+    upstream = [torch.randn(shape, device=device, generator=g)  # every output has its stream's shape
+                for (point, shape, n) in calls for _ in range(n + (id(point) in mixed))]
+
+    def run() -> None:
+        outputs = []
+        for (point, _, _), (shared, *own) in zip(calls, inputs):
+            out = point.select(shared, own)
+            outputs += out + ([point.mix(out)] if id(point) in mixed else [])
+        torch.autograd.grad(outputs, leaves, upstream, allow_unused=True)
+    return run
+
+
 def step_losses(model, objective, x, y) -> torch.Tensor:
     """The task losses (and extra loss) of one step's forward pass, detached."""
     torch.manual_seed(1234)  # DMTG's Gumbel draws: the same noise in both modes
@@ -225,7 +270,8 @@ def training(task_list, shape, x, y, device, rounds: int) -> tuple[dict, list[di
     checks = [sanity(name, *bases[key], task_list, x, y, device)
               for name, key in (("single_task", "single_task"), ("dmtg K=3", "dmtg_k3"), ("interrogate", "interrogate"))]
     naive = naive_model(task_list, shape).to(device)
-    fns = {"naive_mtl": step_fn(naive, task_objective(task_list, naive), x, y)}
+    fns = {"naive_mtl": step_fn(naive, task_objective(task_list, naive), x, y),
+           "interrogate_gate_ops": gate_ops_fn(in_mode(bases["interrogate"][0], "loop", device), x, device)}
     for name, (base, make_objective) in bases.items():
         for mode in MODES:
             model = in_mode(base, mode, device)
@@ -299,6 +345,9 @@ def summarise(med: dict, infer: list[dict], n_tasks: int) -> dict:
             "dmtg_step_over_k_naive": max(dmtg_ratio.values()),
             "dmtg_step_over_k_naive_at_4": dmtg_ratio[4],
             "interrogate_step_over_stl": ig / stl,
+            # the floor with these ops: T + 1 streams' convolutions and the gate ops alone
+            "interrogate_gate_ops_over_stl": med["interrogate_gate_ops"] / stl,
+            "interrogate_floor_over_stl": (n_tasks + 1) / n_tasks + med["interrogate_gate_ops"] / stl,
             "interrogate_step_over_naive": ig / naive,
             "compiled_inference_over_stl": max(r["time_ratio"][mode] for r in infer if r["pattern"] in MIXED),
         }
@@ -355,7 +404,13 @@ def markdown(result: dict) -> str:
               f"| ÷ STL (same mode) | {per['loop']['interrogate_step_over_stl']:.2f} | "
               f"{per['stacked']['interrogate_step_over_stl']:.2f} |",
               f"| ÷ naive | {per['loop']['interrogate_step_over_naive']:.2f} | "
-              f"{per['stacked']['interrogate_step_over_naive']:.2f} |", "",
+              f"{per['stacked']['interrogate_step_over_naive']:.2f} |",
+              f"| gate selections and mixtures alone ÷ STL | {per['loop']['interrogate_gate_ops_over_stl']:.2f} | "
+              f"{per['stacked']['interrogate_gate_ops_over_stl']:.2f} |",
+              f"| floor with these ops: (T + 1)/T + gate ops ÷ STL | {per['loop']['interrogate_floor_over_stl']:.2f} | "
+              f"{per['stacked']['interrogate_floor_over_stl']:.2f} |", "",
+              "The gate ops are timed once, on the loop's activation shapes; each mode divides them by its own "
+              "STL step.", "",
               "## Compiled InterroGate inference vs the 8 single-task networks (target: <= 1.0 x STL for mixed "
               "patterns" + (", a CPU target" if gpu else "") + ")", "",
               "The compiled network " + ("has a `branch_mode` and is timed in both modes."
