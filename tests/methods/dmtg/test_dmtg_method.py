@@ -63,6 +63,32 @@ def test_a_run_that_would_end_before_s_has_converged_goes_on_until_it_has():
     assert sorted(sorted(g) for g in res.grouping.groups) == sorted(sorted(g) for g in data.groups)
 
 
+def test_a_run_killed_while_extended_resumes_to_the_same_result(tmp_path):
+    """Killed in the epochs added while S had not converged (after epoch 9 of the planned 4), resumed from
+    its checkpoint: the same convergence epoch, epochs added, grouping and test losses as uninterrupted."""
+    import dataclasses
+
+    data = small_data()
+    options = {"converge_extension": 10.0}
+    whole = dmtg(dataclasses.replace(method_ctx(data, 2, options), workdir=tmp_path / "whole"))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_9(record):
+        if record.get("epoch") == 9:
+            raise Killed
+
+    killed = dataclasses.replace(method_ctx(data, 2, options), workdir=tmp_path / "cut", log=kill_after_epoch_9)
+    with pytest.raises(Killed):
+        dmtg(killed)
+    resumed = dmtg(dataclasses.replace(method_ctx(data, 2, options), workdir=tmp_path / "cut", resume=True))
+    for key in ("s_converged_epoch", "epochs_added", "epochs_run", "live_heads_final"):
+        assert resumed.extra[key] == whole.extra[key], key
+    assert whole.extra["epochs_added"] > 6  # the kill came inside the extension
+    assert resumed.grouping.as_lists() == whole.grouping.as_lists() and resumed.per_task == whole.per_task
+
+
 def test_dmtg_pinned_to_a_grouping_trains_like_that_grouping():
     """DMTG starts from the weights the grouped model of its initial assignment would have at this seed
     (each task's head copied into every branch). With S pinned to the planted grouping (logit gap 30:
