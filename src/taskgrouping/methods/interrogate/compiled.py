@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taskgrouping.methods.interrogate.gates import Mixture, mix_streams
 from taskgrouping.methods.interrogate.pruning import (can_concat_output_channels, concat_output_channels,
                                                       pad_output_channels, prune_norm, prune_output_channels,
                                                       prune_weight_layer)
 from taskgrouping.models.resnet import BasicBlock, ZeroPadShortcut
 from taskgrouping.models.vit import PatchEmbedding
 
-__all__ = ["TRANSFORMER_ROLES", "role_key", "multi_head_attention", "GateAssembly", "Mixture", "CompiledUnit",
+__all__ = ["TRANSFORMER_ROLES", "role_key", "multi_head_attention", "GateAssembly", "CompiledUnit",
            "MergedUnit", "MEMORY_COST", "ALIGN", "merge_pays", "merge_first_unit", "align_unit", "kept_channels_only",
            "CompiledStreamOp", "ResidualOutput", "residual_output", "CompiledBasicBlock", "CompiledTransformerBlock",
            "CompiledInterroGate"]
@@ -111,36 +112,7 @@ class GateAssembly(nn.Module):
         return [self.assemble(t, shared_part, own_parts[t]) for t in range(self.n_tasks)]
 
     def mix_streams(self, streams: Sequence[Tensor]) -> Tensor:
-        """``ψ' = Σ_t softmax(β)_t ⊙ φ'_t`` (see :class:`Mixture`)."""
-        mix = Mixture(self.mix, self.channel_dim)
-        for t, s in enumerate(streams):
-            mix.add(t, s)
-        return mix.result()
-
-
-class Mixture:
-    """Accumulates the shared stream's next input ``ψ' = Σ_t w_t ⊙ φ'_t`` one task at a time (so a
-    task's ``φ'_t`` can be dropped once its turn is over), into one buffer, in task order with each
-    product rounded before it is added, as :func:`~taskgrouping.methods.interrogate.gates.mix_streams`
-    does: the same bits as the gated network (a fused multiply-add would round differently)."""
-
-    def __init__(self, weights: Tensor, channel_dim: int) -> None:
-        self.weights = weights
-        self.channel_dim = channel_dim
-        self.out: Tensor | None = None
-        self.per_task: Tensor | None = None  # weights as (T, 1, .., C, .., 1), made at the first term
-
-    def add(self, t: int, s: Tensor) -> None:
-        if self.per_task is None:
-            shape = [1] * s.ndim
-            shape[self.channel_dim] = self.weights.shape[0]
-            self.per_task = self.weights.t().reshape([self.weights.shape[1]] + shape).to(s.dtype)
-        w = self.per_task[t]
-        self.out = s * w if self.out is None else self.out.add_(s * w)
-
-    def result(self) -> Tensor:
-        assert self.out is not None
-        return self.out
+        return mix_streams(streams, self.mix, self.channel_dim)
 
 
 class CompiledUnit(nn.Module):

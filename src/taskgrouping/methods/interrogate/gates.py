@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["straight_through_gate", "gate_select", "mix_streams", "GatePoint"]
+__all__ = ["straight_through_gate", "gate_select", "Mixture", "mix_streams", "GatePoint"]
 
 
 def straight_through_gate(alpha: Tensor) -> Tensor:
@@ -39,15 +39,37 @@ def gate_select(gate: Tensor, own: Tensor, shared: Tensor, dim: int) -> Tensor:
     return torch.lerp(shared, own, g)
 
 
+class Mixture:
+    """Accumulates the shared stream's next input ``ψ' = Σ_t w_t ⊙ φ'_t`` (weights ``C × T``) one task at
+    a time (so the compiled network can drop a task's ``φ'_t`` once its turn is over), into one buffer, in
+    task order with each product rounded before it is added: the gated network (:func:`mix_streams`) and
+    the compiled one sum the same way, to the same bits (a fused multiply-add would round differently)."""
+
+    def __init__(self, weights: Tensor, channel_dim: int) -> None:
+        self.weights = weights
+        self.channel_dim = channel_dim
+        self.out: Tensor | None = None
+        self.per_task: Tensor | None = None  # weights as (T, 1, .., C, .., 1), made at the first term
+
+    def add(self, t: int, s: Tensor) -> None:
+        if self.per_task is None:
+            shape = [1] * s.ndim
+            shape[self.channel_dim] = self.weights.shape[0]
+            self.per_task = self.weights.t().reshape([self.weights.shape[1]] + shape).to(s.dtype)
+        w = self.per_task[t]
+        self.out = s * w if self.out is None else self.out.add_(s * w)
+
+    def result(self) -> Tensor:
+        assert self.out is not None
+        return self.out
+
+
 def mix_streams(streams: Sequence[Tensor], weights: Tensor, dim: int) -> Tensor:
-    """``Σ_t weights[:, t] ⊙ streams[t]`` (weights ``C × T``), summed in task order so the gated
-    and the compiled networks produce the same bits."""
-    out: Tensor | None = None
+    """``Σ_t weights[:, t] ⊙ streams[t]`` (weights ``C × T``), summed as :class:`Mixture` sums it."""
+    mix = Mixture(weights, dim)
     for t, s in enumerate(streams):
-        term = _channel_view(weights[:, t], s.ndim, dim).to(s.dtype) * s
-        out = term if out is None else out + term
-    assert out is not None
-    return out
+        mix.add(t, s)
+    return mix.result()
 
 
 class GatePoint(nn.Module):
