@@ -70,11 +70,10 @@ def _setup(preset: str, seed: int) -> tuple[dict, object]:
     if preset != "diabetes":
         cfg = build_config(preset=preset, overrides=overrides)
         return cfg, prepare_data(cfg)
-    from bench_dmtg_real_data import DIABETES_TARGETS, diabetes_csv
+    from bench_dmtg_real_data import diabetes_overrides
 
     with tempfile.TemporaryDirectory(prefix="diabetes_") as directory:
-        cfg = build_config(overrides=overrides + ["data.name=table", f"data.path={diabetes_csv(Path(directory))}",
-                                                  f"data.targets=[{','.join(DIABETES_TARGETS)}]", "K=3"])
+        cfg = build_config(overrides=overrides + diabetes_overrides(Path(directory)))
         return cfg, prepare_data(cfg)
 
 

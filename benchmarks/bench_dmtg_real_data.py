@@ -39,8 +39,9 @@ SETTINGS = {"digits": ([(5, (0, 1, 2)), (20, (0, 1, 2))], "norm_gain_e"),
             "diabetes": ([(20, (0, 1, 2, 3, 4)), (60, (0, 1, 2, 3, 4))], "norm_gain_l")}
 
 
-def diabetes_csv(directory: Path) -> Path:
-    """sklearn's diabetes data as a wide table: the inputs as given, the 7 targets standardised."""
+def diabetes_overrides(directory: Path) -> list[str]:
+    """Config overrides for sklearn's diabetes data as a wide table written to ``directory`` (the inputs as
+    given, the 7 targets standardised), K = 3."""
     from sklearn.datasets import load_diabetes
 
     frame = load_diabetes(as_frame=True, scaled=False).frame.rename(columns={"target": "progression"})
@@ -48,7 +49,7 @@ def diabetes_csv(directory: Path) -> Path:
         frame[column] = (frame[column] - frame[column].mean()) / frame[column].std()
     path = directory / "diabetes.csv"
     frame.to_csv(path, index=False)
-    return path
+    return ["data.name=table", f"data.path={path}", f"data.targets=[{','.join(DIABETES_TARGETS)}]", "K=3"]
 
 
 def run(dataset: str, seed: int, epochs: int, options: dict, gain: str) -> dict:
@@ -60,8 +61,7 @@ def run(dataset: str, seed: int, epochs: int, options: dict, gain: str) -> dict:
         if dataset == "digits":
             config = build_config(preset="digits", overrides=overrides)
         else:
-            config = build_config(overrides=overrides + ["data.name=table", f"data.path={diabetes_csv(Path(out))}",
-                                                         f"data.targets=[{','.join(DIABETES_TARGETS)}]", "K=3"])
+            config = build_config(overrides=overrides + diabetes_overrides(Path(out)))
         config["dmtg"] = dict(options)
         summary = run_experiment(config, Path(out) / "run", echo=lambda m: None)
     dmtg = summary["methods"]["dmtg"]

@@ -73,7 +73,7 @@ def test_a_run_killed_while_extended_resumes_to_the_same_result(tmp_path):
     whole = dmtg(dataclasses.replace(method_ctx(data, 2, options), workdir=tmp_path / "whole"))
 
     class Killed(Exception):
-        pass
+        """Stands for the process being killed."""
 
     def kill_after_epoch_9(record):
         if record.get("epoch") == 9:
