@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from taskgrouping.engine.evaluation import model_device
+
 __all__ = ["count_flops", "count_parameters"]
 
 
@@ -20,9 +22,8 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     products, convolutions and attention; elementwise work is not counted)."""
     was_training = model.training
     model.eval()
-    device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else "cpu"
     with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *[int(s) for s in input_shape], device=device))
+        model(torch.zeros(1, *[int(s) for s in input_shape], device=model_device(model)))
     model.train(was_training)
     return int(counter.get_total_flops())
 

@@ -1,9 +1,13 @@
 """Copies of a backbone run as one vmapped call give the loop's outputs, gradients and batch-norm
 statistics, on every registered backbone, inside the branched model, DMTG and InterroGate, and in a
-whole run with ``train.branches`` on and off."""
+whole run with ``train.branches`` on and off.
+
+The backbone and InterroGate-stream tests run on the CPU; on a GPU machine
+``TASKGROUPING_TEST_DEVICE=cuda pytest tests/models/test_stacked.py`` runs them on CUDA (TF32 off)."""
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -27,27 +31,36 @@ IMAGE = (3, 32, 32)
 # 3e-6 to 4e-4 depending on the CPU, batch norm over 1x1 / 2x2 maps; vit 1.2e-5, attention) and the bound is
 # "as accurate as the loop, or as the problem's sensitivity to rounding allows"
 WELL_CONDITIONED = ("mlp", "small_cnn", "resnet20", "tag_resnet")
+DEVICE = torch.device(os.environ.get("TASKGROUPING_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """Float32 on CUDA means float32: TF32 convolutions and matrix products round to ~1e-3."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def _nets(name: str, k: int = 3, dtype=torch.float32):
     torch.manual_seed(0)
-    nets = [build_backbone(name, SHAPES.get(name, IMAGE)).to(dtype) for _ in range(k)]
-    return nets, torch.randn(8, *SHAPES.get(name, IMAGE), dtype=dtype)
+    nets = [build_backbone(name, SHAPES.get(name, IMAGE)).to(DEVICE, dtype) for _ in range(k)]
+    return nets, torch.randn(8, *SHAPES.get(name, IMAGE), dtype=dtype).to(DEVICE)
 
 
 def _grads(nets) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double().cpu()
                       for n in nets for p in n.parameters()])
 
 
 def _state(nets) -> torch.Tensor:
-    return torch.cat([b.flatten().double() for n in nets for b in n.buffers()] + [torch.zeros(0)])
+    return torch.cat([b.flatten().double().cpu() for n in nets for b in n.buffers()] + [torch.zeros(0)])
 
 
 def _run(nets, x, stacked: bool):
     out = run_stacked(nets, x) if stacked else [n(x) for n in nets]
-    sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out).backward()
-    return torch.cat([o.flatten().double() for o in out]), _grads(nets), _state(nets)
+    sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum()
+        for o in out).backward()
+    return torch.cat([o.flatten().double().cpu() for o in out]), _grads(nets), _state(nets)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,10 +95,11 @@ def test_stacked_float32_is_as_accurate_as_the_loop(name):
     twins, exact, exact_too = (copy.deepcopy(nets), [copy.deepcopy(n).double() for n in nets],
                                [copy.deepcopy(n).double() for n in nets])
     loop, stacked, ref = _run(nets, x, False), _run(twins, x, True), _run(exact, x.double(), False)
-    noise = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     moved = _run(exact_too, x.double() * (1 + torch.finfo(torch.float32).eps * noise), False)
     for what in (0, 1):  # outputs, gradients
-        if name in WELL_CONDITIONED:
+        if name in WELL_CONDITIONED and DEVICE.type == "cpu":  # on an H200, cuDNN's kernels put resnet20's and
+            # tag_resnet's stacked outputs 1.4e-6 / 1.7e-6 from the loop: there the bound below is the check
             assert _rel(stacked[what], loop[what]) <= 1e-6
         floor = max(_rel(loop[what], ref[what]), _rel(moved[what], ref[what]))
         assert _rel(stacked[what], ref[what]) <= 3 * floor + 1e-7
@@ -129,6 +143,21 @@ def test_branched_model_switch_keeps_weights_and_outputs():
     model.load_state_dict(twin.state_dict())
 
 
+def test_batch_norm_under_cuda_autocast_runs_as_the_loop(monkeypatch):
+    """vmap's batch-norm rule rejects a bfloat16 input beside float32 running statistics on CUDA (seen on an
+    H200, torch 2.11): under CUDA autocast, modules with batch norm run as the loop; others still stack."""
+    import taskgrouping.models.stacked as stacked
+
+    calls = []
+    monkeypatch.setattr(stacked, "run_stacked", lambda modules, x, fn=None: calls.append(len(modules)) or [])
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    with_bn, x = _nets("resnet20", k=2)
+    assert len(run_branches(with_bn, x, "stacked")) == 2 and calls == []
+    without_bn, x = _nets("mlp", k=2)
+    run_branches(without_bn, x, "stacked")
+    assert calls == [2]
+
+
 def test_branches_of_different_shapes_fall_back_to_the_loop():
     widths = iter([(8, 4), (8, 4), (16, 4)])  # the stem (empty here), then one backbone per branch
     model = build_branched_model(TASKS[:2], [["a"], ["b"]], (6,),
@@ -163,20 +192,20 @@ def test_interrogate_streams_stacked_equal_the_loop(backbone, shape):
         tasks = TASKS
         shared = build_backbone(backbone, shape)
         heads = {t.name: make_head(t, output_shape(shared, shape), shape) for t in tasks}
-        gated = build_gated_network(shared, {t.name: build_backbone(backbone, shape) for t in tasks}, heads)
+        gated = build_gated_network(shared, {t.name: build_backbone(backbone, shape) for t in tasks}, heads).to(DEVICE)
         with torch.no_grad():  # a mixed gate pattern and uneven mixtures
             for g in gated.gate_points().values():
                 g.alpha.copy_(torch.randn_like(g.alpha))
                 g.beta.copy_(torch.randn_like(g.beta))
         twin = copy.deepcopy(gated)
         set_branch_mode(twin, "stacked")
-        x = torch.randn(6, *shape)
+        x = torch.randn(6, *shape).to(DEVICE)
         ref, out = gated(x), twin(x)
         sum(v.square().sum() for v in ref.values()).backward()
         sum(v.square().sum() for v in out.values()).backward()
     finally:
         torch.set_default_dtype(torch.float32)
-    assert all(_rel(out[t], ref[t]) <= 1e-12 for t in ref)
+    assert all(_rel(out[t].cpu(), ref[t].cpu()) <= 1e-12 for t in ref)
     assert _rel(_grads([twin]), _grads([gated])) <= 1e-12
     assert _rel(_state([twin]), _state([gated])) <= 1e-12 or not list(gated.buffers())
 

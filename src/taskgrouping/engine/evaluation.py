@@ -23,8 +23,10 @@ Predict = Callable[[nn.Module, Tensor], dict[str, Tensor]]
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, tasks: Iterable[Task],
              predict: Callable[[nn.Module, Tensor], dict[str, Tensor]] | None = None,
-             device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Task name -> metrics over ``loader`` (model in eval mode; sums, not means of batch means)."""
+             device: torch.device | str | None = None) -> dict[str, dict[str, float]]:
+    """Task name -> metrics over ``loader`` (model in eval mode; sums, not means of batch means); the
+    batches are moved to ``device``, by default the model's."""
+    device = device if device is not None else model_device(model)
     tasks = list(tasks)
     meters = {t.name: t.meter() for t in tasks}
     was_training = model.training
@@ -38,6 +40,14 @@ def evaluate(model: nn.Module, loader: DataLoader, tasks: Iterable[Task],
     if loader_shard(loader)[1] > 1:
         merge_meters(meters, Ranks.current())
     return {name: m.compute() for name, m in meters.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (else buffer) lives; the CPU for a module without either."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def merge_meters(meters: Mapping[str, TaskMeter], ranks: Ranks) -> None:

@@ -144,5 +144,5 @@ def fit(run: RunContext, model: nn.Module, *, tag: str, tasks: Sequence[Task] | 
     test = None
     if score_test:
         test_loader = loader("test", shuffle=False)
-        test = evaluate(result.model, test_loader, tasks, predict, next(result.model.parameters()).device)
+        test = evaluate(result.model, test_loader, tasks, predict)
     return Fitted(result, val, test)

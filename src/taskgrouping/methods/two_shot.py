@@ -124,10 +124,9 @@ def networks_result(ctx: MethodContext, networks: Sequence[TrainedNetwork], serv
     model = assemble_networks([trained_model(jctx, n.job, n.result) for n in networks], serves)
     model.to(resolve_device(ctx.train.device))
     grouping = Grouping(tuple(n.tasks for n in networks), dict(serves), dict(info))
-    device = next(model.parameters()).device
     _, val_loader, test_loader = ctx.loaders()
-    val = evaluate(model, val_loader, ctx.data.tasks, None, device)
-    test = evaluate(model, test_loader, ctx.data.tasks, None, device)
+    val = evaluate(model, val_loader, ctx.data.tasks)
+    test = evaluate(model, test_loader, ctx.data.tasks)
     return MethodResult(grouping, model, test, val, train_seconds, n_networks=n_networks, extra=extra)
 
 

@@ -16,11 +16,13 @@ agrees to float rounding (the stacked kernels sum in another order).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["BRANCH_MODES", "BranchMode", "Call", "run_branches", "run_stacked", "same_architecture",
            "resolve_branch_mode"]
@@ -91,7 +93,11 @@ def run_stacked(modules: Sequence[nn.Module], x: Inputs, fn: Call | None = None)
         inputs = torch.stack(list(x))
     else:
         inputs = tuple(torch.stack(list(parts)) for parts in zip(*x))
-    out = vmap(one, in_dims=(0, 0, None if shared_input else 0), randomness="different")(params, buffers, inputs)
+    # CUDA's fused attention kernels fail in the backward pass under vmap ("LSE is not correctly aligned");
+    # the math kernel (matrix products and a softmax) batches like any other operator
+    fused_ok = next(iter(params.values())).device.type != "cuda" if params else True
+    with nullcontext() if fused_ok else sdpa_kernel(SDPBackend.MATH):
+        out = vmap(one, in_dims=(0, 0, None if shared_input else 0), randomness="different")(params, buffers, inputs)
     if buffers and any(m.training for m in modules):
         with torch.no_grad():  # running statistics were updated in place on the stacked copies
             for k, own in enumerate(own_buffers):
@@ -100,10 +106,17 @@ def run_stacked(modules: Sequence[nn.Module], x: Inputs, fn: Call | None = None)
     return list(out.unbind(0))
 
 
+def _stackable(modules: Sequence[nn.Module]) -> bool:
+    """False under CUDA autocast for modules with batch norm: vmap's batch-norm rule then rejects float32
+    running statistics beside a bfloat16 input (torch 2.11 on an H200), so those calls run as the loop."""
+    return not (torch.is_autocast_enabled("cuda")
+                and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules[0].modules()))
+
+
 def run_branches(modules: Sequence[nn.Module], x: Inputs, mode: BranchMode, fn: Call | None = None) -> list[Tensor]:
     """``fn(module, input)`` for every module (see :func:`run_stacked`): one vmapped call (``stacked``) or a
-    plain loop (``loop``)."""
-    if mode == "stacked" and len(modules) > 1:
+    plain loop (``loop``, and ``stacked`` where :func:`_stackable` says it cannot)."""
+    if mode == "stacked" and len(modules) > 1 and _stackable(modules):
         return run_stacked(modules, x, fn)
     fn = fn or _call_forward
     inputs = [x] * len(modules) if isinstance(x, Tensor) else list(x)

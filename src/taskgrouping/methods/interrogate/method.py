@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from taskgrouping.engine.evaluation import evaluate
+from taskgrouping.engine.evaluation import evaluate, model_device
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.baselines import fit_grouping, naive_mtl_model
@@ -114,9 +114,8 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     compiled = gated.compile().eval()
     with kept_channels_only():  # the pruned network InterroGate's paper counts (no merged or widened layers)
         kept = gated.compile().eval()
-    device = next(gated.parameters()).device
     _, _, test_loader = ctx.loaders()
-    test = evaluate(compiled, test_loader, ctx.data.tasks, device=device)
+    test = evaluate(compiled, test_loader, ctx.data.tasks)
     x, _ = next(iter(test_loader))
     shape = ctx.data.input_shape
     pattern = gated.sharing_pattern()
@@ -135,7 +134,7 @@ def interrogate(ctx: MethodContext) -> MethodResult:
         "task_specific_fraction": {t: sum(r["task_specific_fraction"][t] for r in pattern) / len(pattern)
                                    for t in names},
         "sharing_pattern": pattern,
-        "compile_max_abs_diff": max_output_difference(gated, compiled, x.to(device)),
+        "compile_max_abs_diff": max_output_difference(gated, compiled, x.to(model_device(gated))),
         "gate_history": [h.get("gates") for h in result.history],
     }
     if ctx.workdir is not None:
