@@ -62,6 +62,7 @@ class DMTGModel(nn.Module):
         self.S = nn.Parameter(s_init.clone().float())
         self.register_buffer("live", torch.ones(K, N, dtype=torch.bool))
         self.register_buffer("low_epochs", torch.zeros(K, N, dtype=torch.long))
+        self._indices: dict[tuple, Tensor] = {}  # _index's tensors, by (values, device)
         # One nn.Linear per branch holding every task's linear head ("bank"), so a step's parameter
         # count and kernel launches do not grow with N; per-task heads are written back in pruned().
         heads = [h for hs in net.heads for h in hs]
@@ -144,16 +145,24 @@ class DMTGModel(nn.Module):
         stacked = StackedTargets(tasks, targets)
         # heads of tasks without a label in the batch are not run (their losses stay 0, as masked ones would)
         labelled = valid_counts(tasks, targets).to(self.live.device) > 0
-        run = {k: idx for k in range(self.K) if (idx := (self.live[k] & labelled).nonzero().flatten().tolist())}
+        # one read of the K x N mask (on CUDA one synchronisation a step, not one per branch)
+        run = {k: idx for k, row in enumerate((self.live & labelled).tolist())
+               if (idx := [i for i, on in enumerate(row) if on])}
         feats = self.net.branch_features(scale_grad(z, self.branch_scale), run)
         for k, idx in run.items():
             fh = scale_grad(feats[k], self.head_scale)
             probes = set() if assign is None else {j for j, i in enumerate(idx) if assign[i] != k}
             preds = self._head_preds(k, fh, idx, probes)
             col = stacked.losses([tasks[i] for i in idx], preds, idx)
-            loss = loss.index_put((torch.tensor(idx, device=x.device), torch.full((len(idx),), k, device=x.device)),
-                                  col)
+            loss = loss.index_put((self._index(idx, x.device), self._index([k] * len(idx), x.device)), col)
         return loss, feats
+
+    def _index(self, values: list[int], device: torch.device) -> Tensor:
+        """``values`` as an index tensor on ``device``, made once (no host-to-device copy every step)."""
+        key = (tuple(values), device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return self._indices[key]
 
     def _head_preds(self, k: int, f: Tensor, idx: list[int], probes: set[int] = frozenset()) -> list[Tensor]:
         """Predictions of branch ``k``'s heads ``idx`` on its features ``f``; the heads at positions ``probes``
@@ -162,7 +171,7 @@ class DMTGModel(nn.Module):
             return [self.net.heads[k][i](f.detach() if j in probes else f) for j, i in enumerate(idx)]
         weight, bias = self.banks[k].weight, self.banks[k].bias
         if len(idx) < len(self.task_names):
-            rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+            rows = self._index([r for i in idx for r in range(self.offsets[i], self.offsets[i + 1])], weight.device)
             weight, bias = weight[rows], bias[rows]
         sizes = [self.out_sizes[i] for i in idx]
         preds = list(F.linear(f, weight, bias).split(sizes, dim=1))

@@ -87,8 +87,10 @@ class InterroGateObjective(ObjectiveBase):
         extra = None
         if self.lambda_s > 0:
             alphas = [g.alpha for g in model.gate_points().values()]
-            extra = self.lambda_s * sparsity_loss(alphas, self.tau.to(x.device), self.options.sparsity)
-            self._reg_sum += float(extra.detach())
+            if self.tau.device != x.device:  # moved once, not copied every step
+                self.tau = self.tau.to(x.device)
+            extra = self.lambda_s * sparsity_loss(alphas, self.tau, self.options.sparsity)
+            self._reg_sum = self._reg_sum + extra.detach().double()  # a tensor: no synchronisation every step
         self._steps += 1
         return StepOutput(losses, extra_loss=extra)
 
@@ -111,7 +113,7 @@ class InterroGateObjective(ObjectiveBase):
         frac = {t: float(torch.stack([m[i].float().mean() for m in hard.values()]).mean()) for i, t in enumerate(names)}
         usage = model.gate_usage().detach()
         return {"gates": {"task_specific_fraction": frac, "soft_usage": dict(zip(names, usage.tolist())),
-                          "sparsity_loss": self._reg_sum / max(self._steps, 1)}}
+                          "sparsity_loss": float(self._reg_sum) / max(self._steps, 1)}}
 
     def state_dict(self) -> dict[str, Any]:
         sd = self.gate_optimizer.state_dict()
