@@ -26,14 +26,16 @@ available) CelebA-shaped inputs 3x64x64, batch 64, ``torch.cuda.synchronize()`` 
 8 binary tasks (left/right x even, gt4, loop, prime), small_cnn {"channels": [16, 32], "feature_dim": 64},
 Adam lr 1e-3. Each timing is one step; every round times every variant (the order reversed every
 other round) and the medians over rounds are reported (the machine is shared and noisy). Before
-timing, each network's losses on one batch are computed in both modes from the same weights (on CUDA
-with TF32 convolutions off): the stacked mode must agree with the loop to a relative 1e-5 (a sanity
+timing, each network's losses on one batch and their gradients are computed in both modes from the same
+weights (on CUDA with TF32 convolutions off): the stacked mode's losses must agree with the loop's to a
+relative 1e-5, its gradients to 1e-4 (each parameter's ``‖g_stacked − g_loop‖ / ‖g_loop‖``; a sanity
 check, recorded, not a test). Timings keep torch's default precision settings.
 
-Writes benchmarks/results/branches.json and branches.md (``--quick``: few rounds, under a minute on
-2 CPU cores, written to branches_quick.json / .md so that the full figures stay). The last line
-printed is one JSON object: the four headline ratios of the mode ``train.branches=auto`` picks on
-this device, ``mode``, ``device`` and ``by_mode`` (the same four ratios for each mode).
+Writes benchmarks/results/branches.json on the CPU, branches_cuda.json on CUDA, and branches.md with the
+tables of both that are there (``--quick``: few rounds, under a minute on 2 CPU cores, written to
+branches_quick.json / branches_cuda_quick.json and branches_quick.md so that the full figures stay). The
+last line printed is one JSON object: the four headline ratios of the mode ``train.branches=auto`` picks
+on this device, ``mode``, ``device`` and ``by_mode`` (the same four ratios for each mode).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_branches.py [--quick]
 """
@@ -78,6 +80,7 @@ MODES = ("loop", "stacked")
 KS = (2, 3, 4, 5)
 MIXED = ("75% task-specific", "50% task-specific", "25% task-specific")
 TOLERANCE = 1e-5
+GRAD_TOLERANCE = 1e-4
 WARMUP_STEPS = 3
 #: (training rounds, inference rounds); one round times one step / one forward of every variant
 ROUNDS = {"quick": (16, 30), "full": (400, 400)}
@@ -233,32 +236,42 @@ def gate_ops_fn(model, x, device) -> Callable[[], None]:
     return run
 
 
-def step_losses(model, objective, x, y) -> torch.Tensor:
-    """The task losses (and extra loss) of one step's forward pass, detached."""
+def step_losses(model, objective, x, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The task losses (and extra loss) of one step's forward pass, detached, and the gradients of their sum."""
     torch.manual_seed(1234)  # DMTG's Gumbel draws: the same noise in both modes
     out = objective(model, x, y)
     values = list(out.losses.values()) + ([out.extra_loss] if out.extra_loss is not None else [])
-    return torch.stack([v.detach().float().reshape(()) for v in values]).cpu()
+    losses = torch.stack([v.float().reshape(()) for v in values])
+    model.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return losses.detach().cpu(), grads
 
 
 def sanity(name: str, base, make_objective, task_list, x, y, device) -> dict:
     """Losses of one batch in either mode from the same weights (fresh objectives, same RNG state)."""
-    losses = {}
+    losses, grads = {}, {}
     tf32 = torch.backends.cudnn.allow_tf32  # CUDA: compare in float32 (TF32 convolutions round to ~1e-3)
     torch.backends.cudnn.allow_tf32 = False
     try:
         for mode in MODES:
             model = in_mode(base, mode, device)
-            losses[mode] = step_losses(model, make_objective(task_list, model), x, y)
+            losses[mode], grads[mode] = step_losses(model, make_objective(task_list, model), x, y)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     loop, stacked = losses["loop"], losses["stacked"]
     rel = float(((stacked - loop).abs() / loop.abs().clamp_min(1e-12)).max())
     total_rel = float((stacked.sum() - loop.sum()).abs() / loop.sum().abs().clamp_min(1e-12))
+    assert grads["loop"].keys() == grads["stacked"].keys()
+    grad_rel = max(float((grads["stacked"][n] - g).norm() / g.norm().clamp_min(1e-12))
+                   for n, g in grads["loop"].items())
     row = {"network": name, "loop_total_loss": float(loop.sum()), "stacked_total_loss": float(stacked.sum()),
-           "max_rel_diff": rel, "total_rel_diff": total_rel, "tolerance": TOLERANCE, "ok": rel <= TOLERANCE}
+           "max_rel_diff": rel, "total_rel_diff": total_rel, "tolerance": TOLERANCE,
+           "grad_max_rel_diff": grad_rel, "grad_tolerance": GRAD_TOLERANCE, "parameters": len(grads["loop"]),
+           "ok": rel <= TOLERANCE and grad_rel <= GRAD_TOLERANCE}
     print(f"sanity {name}: loop {row['loop_total_loss']:.7f} stacked {row['stacked_total_loss']:.7f} "
-          f"max rel diff {rel:.2e} ({'ok' if row['ok'] else 'ABOVE ' + str(TOLERANCE)})", flush=True)
+          f"max rel diff {rel:.2e}, gradients {grad_rel:.2e} ({'ok' if row['ok'] else 'ABOVE TOLERANCE'})",
+          flush=True)
     return row
 
 
@@ -429,23 +442,41 @@ def markdown(result: dict) -> str:
                      f"{r['time_ratio']['stacked']:.2f} | {r['max_rel_diff_vs_gated']:.1e} |")
     lines += [f"| largest over the mixed patterns | | | | {per['loop']['compiled_inference_over_stl']:.2f} | "
               f"{per['stacked']['compiled_inference_over_stl']:.2f} | |", "",
-              f"## Sanity: one batch's losses, stacked vs loop from the same weights (relative difference <= "
-              f"{TOLERANCE:g})", "",
-              "| network | loop total loss | stacked total loss | max relative difference | ok |", "|---|---|---|---|---|"]
+              f"## Sanity: one batch's losses and gradients, stacked vs loop from the same weights (relative "
+              f"difference <= {TOLERANCE:g} for the losses, <= {GRAD_TOLERANCE:g} for each parameter's gradient)", "",
+              "| network | loop total loss | stacked total loss | losses: max relative difference | "
+              "gradients: max relative difference | ok |", "|---|---|---|---|---|---|"]
     for c in result["sanity"]:
+        grad = f"{c['grad_max_rel_diff']:.1e}" if "grad_max_rel_diff" in c else "not measured"
         lines.append(f"| {c['network']} | {c['loop_total_loss']:.6f} | {c['stacked_total_loss']:.6f} | "
-                     f"{c['max_rel_diff']:.1e} | {'yes' if c['ok'] else 'NO'} |")
+                     f"{c['max_rel_diff']:.1e} | {grad} | {'yes' if c['ok'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def json_stem(device_type: str, quick: bool) -> str:
+    """``branches`` on the CPU, ``branches_cuda`` on CUDA; ``_quick`` for a quick run."""
+    return "branches" + ("_cuda" if device_type == "cuda" else "") + ("_quick" if quick else "")
+
+
+def write_markdown(quick: bool) -> str:
+    """branches.md (or branches_quick.md): the tables of every device's JSON that is there, the CPU first."""
+    parts = [markdown(json.loads(path.read_text())) for dev in ("cpu", "cuda")
+             if (path := OUT / f"{json_stem(dev, quick)}.json").exists()]
+    text = "\n".join(parts)
+    atomic_write_text(OUT / f"branches{'_quick' if quick else ''}.md", text)
+    return text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few rounds (under a minute); writes branches_quick.*")
+    ap.add_argument("--quick", action="store_true",
+                    help="few rounds (under a minute); writes branches[_cuda]_quick.json and branches_quick.md")
+    ap.add_argument("--rounds", type=int, default=None, help="training and inference rounds (default: 400, quick 16 / 30)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape, batch = setting(device)
-    train_rounds, infer_rounds = ROUNDS["quick" if args.quick else "full"]
+    train_rounds, infer_rounds = ROUNDS["quick" if args.quick else "full"] if args.rounds is None else (args.rounds,) * 2
     task_list = tasks()
     torch.manual_seed(0)
     x = torch.rand(batch, *shape, device=device)
@@ -469,11 +500,9 @@ def main() -> None:
         "mode": auto, "by_mode": per, "median_step_ms": {k: 1e3 * v for k, v in med.items()},
         "inference": infer, "compiled_has_branch_mode": has_mode, "sanity": checks, "targets": targets}
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = "branches_quick" if args.quick else "branches"
-    atomic_write_json(OUT / f"{stem}.json", result, strict=True)
-    text = markdown(result)
-    atomic_write_text(OUT / f"{stem}.md", text)
-    print(text, flush=True)
+    atomic_write_json(OUT / f"{json_stem(device.type, args.quick)}.json", result, strict=True)
+    write_markdown(args.quick)
+    print(markdown(result), flush=True)
     headline = {k: per[auto][k] for k in HEADLINE}
     print(json.dumps({**headline, "mode": auto, "device": device.type,
                       "by_mode": {m: {k: per[m][k] for k in HEADLINE} for m in MODES}}))

@@ -202,17 +202,22 @@ def main() -> None:
     text, agreement = table(single, multi, gpus, args.tolerance, rows, precisions)
     machine = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "torch": torch.__version__,
                "cuda": torch.version.cuda, "python": platform.python_version()}
+    from taskgrouping.engine.driver import git_revision
+    from taskgrouping.io import atomic_write_json, atomic_write_text
+
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpu.json").write_text(json.dumps({"machine": machine, "single": single, "ddp": multi,
-                                                  "bf16_vs_fp32": agreement, "tolerance": args.tolerance,
-                                                  "epochs": args.epochs, "n_train": args.n_train}, indent=1))
+    command = " ".join(["python", "benchmarks/bench_gpu.py", *sys.argv[1:]])
+    atomic_write_json(RESULTS / "gpu.json", {"machine": machine, "single": single, "ddp": multi,
+                                             "bf16_vs_fp32": agreement, "tolerance": args.tolerance,
+                                             "epochs": args.epochs, "n_train": args.n_train, "command": command,
+                                             "git_revision": git_revision()})
     note = "" if multi else "\nOne GPU here: no DDP column (it needs `torch.cuda.device_count() > 1`).\n"
-    (RESULTS / "gpu.md").write_text(
+    atomic_write_text(RESULTS / "gpu.md",
         f"# GPU throughput ({machine['gpu']} x{gpus}, torch {machine['torch']}, CUDA {machine['cuda']})\n\n"
         f"CelebA-shaped 3x64x64, N={N_TASKS} binary tasks, TAG ResNet (shared stem), batch {BATCH}, Adam; "
         f"{args.n_train} training images, {args.epochs} epochs, median images/s over the epochs after the first. "
         f"bf16 vs fp32: final validation loss / mean error relative to fp32, tolerance {args.tolerance}.\n\n"
-        f"{text}\n{note}\nWritten by `python benchmarks/bench_gpu.py`.\n")
+        f"{text}\n{note}\nWritten by `{command}` at {git_revision()}.\n")
     print(text)
 
 

@@ -27,6 +27,7 @@ def test_bench_branches_smoke(tmp_path, monkeypatch, capsys):
                     "by_mode": head["by_mode"]}
     result = json.loads((tmp_path / "branches_quick.json").read_text())
     assert all(c["ok"] for c in result["sanity"]), result["sanity"]
+    assert all(c["parameters"] > 0 and c["grad_max_rel_diff"] < 1e-4 for c in result["sanity"])
     assert len(result["inference"]) == 5
     assert "| 5 |" in (tmp_path / "branches_quick.md").read_text()
     assert not (tmp_path / "branches.json").exists()
