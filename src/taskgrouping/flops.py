@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from taskgrouping.engine.evaluation import model_device
+from taskgrouping.device import model_device
 
 __all__ = ["count_flops", "count_parameters"]
 

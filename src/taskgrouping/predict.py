@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from taskgrouping.config import ConfigError, apply_overrides, build_config, load_yaml, parse_override, validate
 from taskgrouping.data.base import TaskData, make_loader
 from taskgrouping.engine.evaluation import evaluate
-from taskgrouping.engine.trainer import TrainConfig, resolve_device
+from taskgrouping.engine.trainer import TrainConfig, resolve_device, run_branch_mode, set_branch_mode
+from taskgrouping.models.stacked import resolve_branch_mode
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.io import atomic_write_bytes, atomic_write_text
 from taskgrouping.readers import expected_layout, load_tensors, read_json, read_text
@@ -325,9 +326,10 @@ class Predictions:
 
 
 def predict(model: nn.Module, data: TaskData, split: str = "test", batch_size: int = 128,
-            device: torch.device | str = "cpu") -> Predictions:
+            device: torch.device | str = "cpu", branches: str = "auto") -> Predictions:
     """Outputs of ``model`` on ``data``'s ``split`` and their metrics, in one pass through
-    :func:`~taskgrouping.engine.evaluation.evaluate` (the same batches and meters as the run's scoring)."""
+    :func:`~taskgrouping.engine.evaluation.evaluate` (the same batches and meters as the run's scoring;
+    ``branches``: the run's ``train.branches``, so that its copies of a backbone run as they were scored)."""
     if split not in SPLITS:
         raise ValueError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     tasks = list(data.tasks)
@@ -341,6 +343,7 @@ def predict(model: nn.Module, data: TaskData, split: str = "test", batch_size: i
 
     device = torch.device(device)
     model.to(device)
+    set_branch_mode(model, resolve_branch_mode(branches, device))
     loader = make_loader(getattr(data, split), batch_size, shuffle=False)
     metrics = evaluate(model, loader, tasks, keep, device)
     outputs = {n: torch.cat(v) if v else torch.empty(0) for n, v in kept.items()}
@@ -409,4 +412,5 @@ def predict_run(run_dir: Path | str, method: str, split: str = "test", data_file
         check_output_tasks(data.tasks, out)
     model = load_model(run, method, data)
     train = TrainConfig(**run.config["train"])
-    return run, predict(model, data, split, train.batch_size, resolve_device(device or train.device))
+    where = resolve_device(device or train.device)
+    return run, predict(model, data, split, train.batch_size, where, run_branch_mode(train, where))

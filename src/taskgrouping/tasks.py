@@ -303,7 +303,10 @@ def validate_task_list(tasks: list[Task]) -> None:
 def valid_counts(tasks: Sequence[Task], targets: Mapping[str, Tensor], device: torch.device | None = None) -> Tensor:
     """Valid labels per task in ``targets`` (int64, in the order of ``tasks``; 0 for a task without
     targets), as :meth:`~taskgrouping.tasks.Task.loss_sum_count` counts them: class ids ``>= 0``,
-    non-NaN regression values, pixels whose normal has no NaN (cosine loss)."""
+    non-NaN regression values, pixels whose normal has no NaN (cosine loss). On ``device``, by default the
+    targets'."""
+    if device is None:
+        device = next((y.device for y in targets.values()), None)
     counts = []
     for t in tasks:
         y = targets.get(t.name)

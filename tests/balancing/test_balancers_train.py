@@ -47,3 +47,16 @@ def test_balancer_trains_naive_mtl_without_nans(name, level, data, tmp_path):
     assert math.isfinite(rec["total_test_loss"]) and rec["epochs_run"] == 1 and rec["train_seconds"] > 0
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == 1 and all(math.isfinite(v) for v in epochs[0]["train_loss"].values())
+
+
+def test_parameter_level_cosreg_trains_a_vit(tmp_path):
+    """CosReg's Hessian-vector products differentiate the network's gradients; the fused attention kernels
+    have no second derivative ("derivative for ..._flash_attention_for_cpu_backward is not implemented"
+    before the trainer ran such forward passes with the math kernel)."""
+    cfg = build_config(preset="multimnist", overrides=[
+        "methods=[naive_mtl]", "data.n_train=64", "data.n_val=32", "data.n_test=32", "train.epochs=1",
+        "train.progress=false", "model.backbone=vit", "model.options={dim: 16, depth: 1, heads: 2, patch_size: 7}",
+        "balancer.name=cosreg"])
+    run_experiment(cfg, tmp_path, echo=lambda s: None)
+    rec = json.loads((tmp_path / "results.json").read_text())["methods"]["naive_mtl"]
+    assert math.isfinite(rec["total_test_loss"]) and rec["epochs_run"] == 1

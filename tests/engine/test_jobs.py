@@ -73,6 +73,20 @@ def test_assembled_model_answers_like_each_network(ctx):
             assert metrics[t]["loss"] == m["loss"]
 
 
+def test_ray_jobs_without_gpus_on_a_cuda_run_is_an_error(ctx, monkeypatch):
+    """Ray gives a task only the GPUs it asks for: with gpus_per_job 0 every job would train on the CPU
+    while the run's device is CUDA (here made to resolve so)."""
+    import taskgrouping.engine.jobs as jobs
+
+    monkeypatch.setattr(jobs, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(jobs.importlib.util, "find_spec", lambda name: object())  # Ray counts as installed
+    monkeypatch.setitem(sys.modules, "ray", None)  # but importing it fails: nothing reaches Ray
+    with pytest.raises(ValueError, match=r"gpus_per_job 0 hides the GPU .* set gpus_per_job"):
+        run_jobs(ctx, _jobs(), backend="ray")
+    with pytest.raises(ValueError, match=r"pip install 'taskgrouping\[ray\]'"):  # with a GPU share: on to Ray
+        run_jobs(ctx, _jobs(), backend="ray", gpus_per_job=0.25)
+
+
 def test_missing_ray_names_the_extra(ctx, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ValueError, match=r"pip install 'taskgrouping\[ray\]'"):

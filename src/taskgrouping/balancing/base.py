@@ -38,6 +38,9 @@ class Balancer:
     needs_grads = False
     #: True when the method reads the shared features rather than shared parameters.
     uses_features = False
+    #: True when ``backward`` differentiates the gradients of the network (``create_graph``): PyTorch's fused
+    #: attention kernels have no second derivative, so the trainer then runs the forward pass with the math one.
+    double_backward = False
     #: The ranks training the network together (set by the trainer; one process by default).
     ranks: Ranks = LOCAL
 

@@ -75,6 +75,8 @@ class CosReg(Balancer):
         self.lam, self.eps = float(lam), float(eps)
         self.feature_level = bool(feature_level)
         self.uses_features = self.feature_level
+        # parameter level: the penalty's Hessian-vector products go back through the whole network
+        self.double_backward = not self.feature_level and self.lam > 0
         self.feature_reduction = feature_reduction
         self.hvp_tasks = None if hvp_tasks is None else int(hvp_tasks)
         self.seed = int(seed)

@@ -210,12 +210,14 @@ class Scratch:
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
 
-    def get(self, key: str, rows: int, cols: int, like: Tensor) -> Tensor:
-        """A contiguous ``[rows, cols]`` tensor of ``like``'s dtype and device (contents undefined)."""
+    def get(self, key: str, rows: int, cols: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A contiguous ``[rows, cols]`` tensor on ``like``'s device, of ``dtype`` (default ``like``'s;
+        contents undefined)."""
         n = rows * cols
+        dtype = dtype or like.dtype
         buf = self._buffers.get(key)
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=dtype, device=like.device)
             if n * buf.element_size() <= _SCRATCH_MAX_BYTES:
                 self._buffers[key] = buf
         return buf[:n].view(rows, cols)
@@ -238,8 +240,10 @@ def measure_batch(losses: Mapping[str, Tensor], shared_params: Sequence[Tensor] 
     wrt = (params if use_params else []) + (feats if ("fd" in ms or not use_params) else [])
     inputs = check_gradient_args(losses, wrt)
     T, P = len(losses), sum(t.numel() for t in inputs)
-    G = (torch.empty(T, P, dtype=inputs[0].dtype, device=inputs[0].device) if scratch is None
-         else scratch.get("gradients", T, P, inputs[0]))
+    # at least float32: under bf16 autocast the features are bf16, and a bf16 Gram keeps ~3 digits
+    dtype = torch.promote_types(inputs[0].dtype, torch.float32)
+    G = (torch.empty(T, P, dtype=dtype, device=inputs[0].device) if scratch is None
+         else scratch.get("gradients", T, P, inputs[0], dtype))
     if use_params or not feature_gradients_one_pass(G, losses, inputs):
         task_gradients_into(G, losses, inputs, retain_graph=True)
     n_params = sum(p.numel() for p in params) if use_params else 0

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from taskgrouping.data.base import loader_shard
+from taskgrouping.device import model_device
 from taskgrouping.engine.distributed import Ranks
 from taskgrouping.tasks import Task, TaskMeter
 
@@ -40,14 +41,6 @@ def evaluate(model: nn.Module, loader: DataLoader, tasks: Iterable[Task],
     if loader_shard(loader)[1] > 1:
         merge_meters(meters, Ranks.current())
     return {name: m.compute() for name, m in meters.items()}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s first parameter (else buffer) lives; the CPU for a module without either."""
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def merge_meters(meters: Mapping[str, TaskMeter], ranks: Ranks) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from taskgrouping import __version__
 from taskgrouping.engine.fit import RunContext
 from taskgrouping.engine.jobs import JobResult, TrainingJob
+from taskgrouping.engine.trainer import resolve_device
 from taskgrouping.io import atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = ["JobCache", "job_key"]
@@ -35,8 +36,10 @@ OUTCOME_FREE = ("progress", "tensorboard", "loader_workers")
 
 def job_key(run: RunContext, job: TrainingJob) -> str:
     """The hex SHA-256 naming ``job``'s outcome under ``run`` (its tag, paths and :data:`OUTCOME_FREE`
-    settings do not count)."""
+    settings do not count; ``train.device`` counts as the device it resolves to, so that a job trained on
+    the CPU is not taken for one trained on a GPU under ``auto``)."""
     train = run.train if job.epochs is None else replace(run.train, epochs=int(job.epochs))
+    train = replace(train, device=resolve_device(train.device).type)
     model = dict(run.model)
     if job.model_options is not None:
         model["options"] = dict(job.model_options)

@@ -35,6 +35,7 @@ from torch import nn
 
 from taskgrouping.engine.checkpoint import Checkpoint
 from taskgrouping.engine.fit import RunContext, build_model, fit
+from taskgrouping.engine.trainer import resolve_device
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.io import tensor_bytes
 from taskgrouping.models.branched import BranchedModel
@@ -197,6 +198,10 @@ def run_jobs(ctx: RunContext, jobs: Sequence[TrainingJob], backend: Backend = "s
         ValueError: unknown backend, bad ``workers``, duplicate job tags, Ray missing.
     """
     check_backend(backend, workers)
+    if backend == "ray" and not gpus_per_job and resolve_device(ctx.train.device).type == "cuda":
+        raise ValueError(f"backend 'ray' with gpus_per_job 0 hides the GPU from every job (Ray gives a task only "
+                         f"the GPUs it asks for) while train.device {ctx.train.device!r} is CUDA here: set "
+                         f"gpus_per_job (e.g. 0.25 for four jobs per GPU) or train.device to 'cpu'")
     jobs = list(jobs)
     tags = [j.tag for j in jobs]
     if len(set(tags)) != len(tags):

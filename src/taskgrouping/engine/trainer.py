@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from taskgrouping.balancing.base import Balancer
@@ -189,13 +190,16 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    set_branch_mode(model, "loop" if config.compile else resolve_branch_mode(config.branches, device))
+    set_branch_mode(model, run_branch_mode(config, device))
     groups = objective.param_groups(model)
     # what the ranks add up after every step: the network's gradients and those of the objective's parameters
     # (a balancer's own parameters get the same gradient on every rank, from global values)
     synced = _unique([p for g in groups for p in g["params"]] + list(model.parameters()))
     extra = balancer.extra_parameters()
     if extra:
+        with torch.no_grad():  # on the model's device before the optimiser (and a resumed one's state) sees them
+            for p in extra:
+                p.data = p.data.to(device)
         groups.append({"params": extra})
     optimizer = make_optimizer(config, groups)
     scheduler = make_scheduler(config, optimizer)
@@ -308,13 +312,16 @@ def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, bal
         for cb in callbacks:
             cb.on_batch_start(step, model, (x, targets))
         ranks.sync_rng(device)
-        with autocast:
+        with autocast, sdpa_kernel(SDPBackend.MATH) if balancer.double_backward else contextlib.nullcontext():
             out = objective(model, x, targets)
         if ranks.active:
             out.losses = task_shares(ranks, sync.tasks, out.losses, targets)
-        for name, loss in out.losses.items():
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss of task {name!r} became {float(loss.detach())} at epoch {epoch}, "
+        # every task's loss read in one transfer (one synchronisation a step on a GPU, not two per task)
+        values = dict(zip(out.losses, torch.stack([v.detach().double().reshape(()) for v in out.losses.values()])
+                          .tolist())) if out.losses else {}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss of task {name!r} became {value} at epoch {epoch}, "
                                        f"step {step}; lower train.lr or check the task's targets")
         for cb in callbacks:
             cb.on_step(step, out, model, (x, targets))
@@ -329,7 +336,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, bal
         optimizer.step()
         objective.after_step()
         for name, loss in out.losses.items():
-            value = float(loss.detach())
+            value = values[name]
             sums[name] = sums.get(name, 0.0) + value
             # a task without a label in the batch has a constant zero loss (TaskLossObjective): not counted
             counts[name] = counts.get(name, 0) + int(loss.requires_grad or value != 0.0)
@@ -360,6 +367,12 @@ def _check_sharded(loader: DataLoader, ranks: Ranks) -> None:
     if loader_shard(loader) != (ranks.rank, ranks.world):
         raise ValueError(f"torch.distributed runs {ranks.world} ranks, but the training loader is not sharded for "
                          f"them; build it with make_loader(..., shard=(rank, world)) as engine.fit does")
+
+
+def run_branch_mode(config: TrainConfig, device: torch.device) -> BranchMode:
+    """How a run trains (and scores) the copies of a backbone: ``train.branches`` resolved for ``device``;
+    the loop under ``train.compile`` (which compiles each branch on its own)."""
+    return "loop" if config.compile else resolve_branch_mode(config.branches, device)
 
 
 def set_branch_mode(model: nn.Module, mode: BranchMode) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from taskgrouping.data.base import make_loader
+from taskgrouping.device import model_device
 from taskgrouping.models.branched import BranchedModel
 from taskgrouping.tasks import Task
 
@@ -45,7 +46,9 @@ def affinity_prior(model: BranchedModel, loader, tasks: list[Task], batches: int
     shared = model.shared_parameters()
     total = np.zeros((len(names), len(names)))
     n = 0
+    device = model_device(model)
     for x, targets in loader:
+        x, targets = x.to(device), {k: v.to(device) for k, v in targets.items()}
         with torch.enable_grad():
             preds = model(x)
             losses = {t: by_name[t].loss(preds[t], targets[t]) for t in names}

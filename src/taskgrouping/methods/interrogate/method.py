@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from taskgrouping.engine.evaluation import evaluate, model_device
+from taskgrouping.device import model_device
+from taskgrouping.engine.evaluation import evaluate
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.baselines import fit_grouping, naive_mtl_model
