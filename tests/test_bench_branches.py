@@ -29,5 +29,10 @@ def test_bench_branches_smoke(tmp_path, monkeypatch, capsys):
     assert all(c["ok"] for c in result["sanity"]), result["sanity"]
     assert all(c["parameters"] > 0 and c["grad_max_rel_diff"] < 1e-4 for c in result["sanity"])
     assert len(result["inference"]) == 5
+    ops = result["ops_per_step"]
+    # eight single-task networks dispatch more operators than one naive network, and stacking them dispatches
+    # fewer than looping them (one vmapped call per layer instead of eight)
+    assert ops["naive_mtl"] < ops["single_task@stacked"] < ops["single_task@loop"]
+    assert ops["interrogate@stacked"] < ops["interrogate@loop"]
     assert "| 5 |" in (tmp_path / "branches_quick.md").read_text()
     assert not (tmp_path / "branches.json").exists()

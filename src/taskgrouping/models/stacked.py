@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["BRANCH_MODES", "BranchMode", "Call", "run_branches", "run_stacked", "same_architecture",
-           "resolve_branch_mode"]
+__all__ = ["BRANCH_MODES", "BranchMode", "Call", "run_branches", "run_stacked", "stacked_call", "stackable",
+           "same_architecture", "resolve_branch_mode"]
 
 BranchMode = Literal["loop", "stacked"]
 #: Accepted values of ``train.branches``: ``auto`` stacks on CUDA and loops on CPU.
@@ -65,16 +65,16 @@ def same_architecture(modules: Sequence[nn.Module]) -> bool:
 Inputs = Tensor | Sequence[Tensor] | Sequence[tuple[Tensor, ...]]
 
 
-def run_stacked(modules: Sequence[nn.Module], x: Inputs, fn: Call | None = None) -> list[Tensor]:
-    """``[fn(m, x) for m in modules]``, or ``fn(m, x_k)`` with one input (a tensor or a tuple of tensors)
-    per module, as one vmapped call; ``fn`` defaults to calling the module.
+def stacked_call(modules: Sequence[nn.Module], inputs: Tensor | tuple[Tensor, ...], fn: Call | None = None,
+                 in_dims: int | None | tuple[int | None, ...] = 0) -> Tensor:
+    """``fn(module_k, input_k)`` for every module as one vmapped call, the outputs stacked along a new
+    leading axis. ``inputs`` holds every module's input stacked along dim 0 (``in_dims=0``), or one input
+    that every module reads (``None``); a tuple of tensors takes a tuple of those (one per tensor).
 
     The modules must share one architecture (:func:`same_architecture`). Gradients reach every
     module's own parameters; in training mode their batch-norm buffers are updated as the loop would.
     """
     fn = fn or _call_forward
-    if len(modules) == 1:
-        return [fn(modules[0], x if isinstance(x, Tensor) else x[0])]
     names = [n for n, _ in modules[0].named_parameters()]
     buffer_names = [n for n, _ in modules[0].named_buffers()]
     per_module = [dict(m.named_parameters()) for m in modules]
@@ -86,27 +86,35 @@ def run_stacked(modules: Sequence[nn.Module], x: Inputs, fn: Call | None = None)
     def one(p: dict, b: dict, xi: Tensor) -> Tensor:
         return functional_call(template, (p, b), (xi,))
 
-    shared_input = isinstance(x, Tensor)
-    if shared_input:
-        inputs: Tensor | tuple[Tensor, ...] = x
-    elif isinstance(x[0], Tensor):
-        inputs = torch.stack(list(x))
-    else:
-        inputs = tuple(torch.stack(list(parts)) for parts in zip(*x))
     # CUDA's fused attention kernels fail in the backward pass under vmap ("LSE is not correctly aligned");
     # the math kernel (matrix products and a softmax) batches like any other operator
     fused_ok = next(iter(params.values())).device.type != "cuda" if params else True
     with nullcontext() if fused_ok else sdpa_kernel(SDPBackend.MATH):
-        out = vmap(one, in_dims=(0, 0, None if shared_input else 0), randomness="different")(params, buffers, inputs)
+        out = vmap(one, in_dims=(0, 0, in_dims), randomness="different")(params, buffers, inputs)
     if buffers and any(m.training for m in modules):
         with torch.no_grad():  # running statistics were updated in place on the stacked copies
             for k, own in enumerate(own_buffers):
                 for n in buffer_names:
                     own[n].copy_(buffers[f"module.{n}"][k])
-    return list(out.unbind(0))
+    return out
 
 
-def _stackable(modules: Sequence[nn.Module]) -> bool:
+def run_stacked(modules: Sequence[nn.Module], x: Inputs, fn: Call | None = None) -> list[Tensor]:
+    """``[fn(m, x) for m in modules]``, or ``fn(m, x_k)`` with one input (a tensor or a tuple of tensors)
+    per module, as one vmapped call (:func:`stacked_call`); ``fn`` defaults to calling the module."""
+    fn = fn or _call_forward
+    if len(modules) == 1:
+        return [fn(modules[0], x if isinstance(x, Tensor) else x[0])]
+    if isinstance(x, Tensor):
+        return list(stacked_call(modules, x, fn, None).unbind(0))
+    if isinstance(x[0], Tensor):
+        inputs: Tensor | tuple[Tensor, ...] = torch.stack(list(x))
+    else:
+        inputs = tuple(torch.stack(list(parts)) for parts in zip(*x))
+    return list(stacked_call(modules, inputs, fn, 0).unbind(0))
+
+
+def stackable(modules: Sequence[nn.Module]) -> bool:
     """False under CUDA autocast for modules with batch norm: vmap's batch-norm rule then rejects float32
     running statistics beside a bfloat16 input (torch 2.11 on an H200), so those calls run as the loop."""
     return not (torch.is_autocast_enabled("cuda")
@@ -115,8 +123,8 @@ def _stackable(modules: Sequence[nn.Module]) -> bool:
 
 def run_branches(modules: Sequence[nn.Module], x: Inputs, mode: BranchMode, fn: Call | None = None) -> list[Tensor]:
     """``fn(module, input)`` for every module (see :func:`run_stacked`): one vmapped call (``stacked``) or a
-    plain loop (``loop``, and ``stacked`` where :func:`_stackable` says it cannot)."""
-    if mode == "stacked" and len(modules) > 1 and _stackable(modules):
+    plain loop (``loop``, and ``stacked`` where :func:`stackable` says it cannot)."""
+    if mode == "stacked" and len(modules) > 1 and stackable(modules):
         return run_stacked(modules, x, fn)
     fn = fn or _call_forward
     inputs = [x] * len(modules) if isinstance(x, Tensor) else list(x)

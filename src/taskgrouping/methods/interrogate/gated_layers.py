@@ -10,6 +10,10 @@ linears. There the residual stream is what one sub-layer hands the next, so the 
 and ``fc2`` gate the post-residual state ``x_t + φ'_t``, and the shared stream continues from its
 β mixture: there is never a shared-to-shared path. Each layer's ``compile`` returns its pruned
 equivalent from :mod:`~taskgrouping.methods.interrogate.compiled`.
+
+With ``branch_mode`` stacked the task streams travel between layers as one tensor (T × a stream's
+shape): each layer runs its T + 1 copies as one vmapped call on the stacked inputs, selects all tasks'
+``φ'_t`` with one ``torch.lerp`` and mixes ``ψ'`` with one product and sum, instead of T of each.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vmap
 
 from taskgrouping.methods.interrogate.compiled import (TRANSFORMER_ROLES, CompiledBasicBlock, CompiledStreamOp,
                                                         CompiledTransformerBlock, CompiledUnit, GateAssembly,
@@ -26,10 +32,29 @@ from taskgrouping.methods.interrogate.compiled import (TRANSFORMER_ROLES, Compil
 from taskgrouping.methods.interrogate.gates import GatePoint
 from taskgrouping.methods.interrogate.pruning import prune_output_channels, prune_weight_layer
 from taskgrouping.models.resnet import BasicBlock
-from taskgrouping.models.stacked import BranchMode, Call, run_branches
+from taskgrouping.models.stacked import BranchMode, Call, run_branches, stackable, stacked_call
 from taskgrouping.models.vit import TransformerBlock
 
 __all__ = ["GatedItem", "GatedUnit", "GatedStreamOp", "GatedBasicBlock", "GatedTransformerBlock"]
+
+#: The task streams between layers: one tensor per task, or stacked along a leading task axis.
+Streams = list[Tensor] | Tensor
+
+
+def _as_list(tasks: Streams) -> list[Tensor]:
+    return list(tasks.unbind(0)) if isinstance(tasks, Tensor) else tasks
+
+
+def _stacked_inputs(first: Tensor | None, tasks: Streams) -> tuple[Tensor, int | None]:
+    """The streams' inputs (``first``, the shared stream's, if given, then the tasks') stacked along a new
+    leading axis (vmap's ``in_dims`` 0), or the one tensor every stream reads (``None``: the first gated
+    layer reads the stem's output)."""
+    if isinstance(tasks, Tensor):
+        return (tasks, 0) if first is None else (torch.cat([first.unsqueeze(0), tasks]), 0)
+    streams = list(tasks) if first is None else [first, *tasks]
+    if all(x is streams[0] for x in streams):
+        return streams[0], None
+    return torch.stack(streams), 0
 
 
 class GatedItem(nn.Module):
@@ -45,6 +70,10 @@ class GatedItem(nn.Module):
                 fn: Call | None = None) -> list[Tensor]:
         """``fn(module, input)`` per stream (default ``module(input)``), stacked or looped (``branch_mode``)."""
         return run_branches(modules, inputs, self.branch_mode, fn)
+
+    def stacks(self, modules: Sequence[nn.Module]) -> bool:
+        """Whether these streams run as one stacked call now (``branch_mode`` and :func:`stackable`)."""
+        return self.branch_mode == "stacked" and stackable(modules)
 
     def gate_points(self) -> dict[str, GatePoint]:
         return {}
@@ -68,10 +97,15 @@ class GatedUnit(GatedItem):
     def gate_points(self) -> dict[str, GatePoint]:
         return {self.name: self.gate}
 
-    def forward(self, shared: Tensor, tasks: list[Tensor], need_shared_out: bool
-                ) -> tuple[Tensor | None, list[Tensor]]:
-        psi, *own = self.streams([self.shared, *self.tasks], [shared, *tasks])
-        out = self.gate.select(psi, own)
+    def forward(self, shared: Tensor, tasks: Streams, need_shared_out: bool) -> tuple[Tensor | None, Streams]:
+        modules = [self.shared, *self.tasks]
+        if self.stacks(modules):
+            x, dim = _stacked_inputs(shared, tasks)
+            y = stacked_call(modules, x, in_dims=dim)
+            out = self.gate.select(y[0], y[1:])
+        else:
+            psi, *own = self.streams(modules, [shared, *_as_list(tasks)])
+            out = self.gate.select(psi, own)
         return (self.gate.mix(out) if need_shared_out else None), out
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
@@ -93,11 +127,19 @@ class GatedStreamOp(GatedItem):
         self.shared = shared
         self.tasks = nn.ModuleList(tasks) if self.per_stream else nn.ModuleList()
 
-    def forward(self, shared: Tensor | None, tasks: list[Tensor], need_shared_out: bool
-                ) -> tuple[Tensor | None, list[Tensor]]:
+    def forward(self, shared: Tensor | None, tasks: Streams, need_shared_out: bool
+                ) -> tuple[Tensor | None, Streams]:
         run_shared = need_shared_out and shared is not None
         if not self.per_stream:
-            return (self.shared(shared) if run_shared else None), [self.shared(x) for x in tasks]
+            out = (vmap(self.shared, randomness="different")(tasks) if isinstance(tasks, Tensor)
+                   else [self.shared(x) for x in tasks])
+            return (self.shared(shared) if run_shared else None), out
+        modules = [self.shared, *self.tasks] if run_shared else list(self.tasks)
+        if self.stacks(modules):
+            x, dim = _stacked_inputs(shared if run_shared else None, tasks)
+            y = stacked_call(modules, x, in_dims=dim)
+            return (y[0], y[1:]) if run_shared else (None, y)
+        tasks = _as_list(tasks)
         if run_shared:
             psi, *out = self.streams([self.shared, *self.tasks], [shared, *tasks])
             return psi, out
@@ -134,11 +176,17 @@ class GatedBasicBlock(GatedItem):
         mid, x = mid_x
         return F.relu(b.bn2(b.conv2(mid)) + b.shortcut(x))
 
-    def forward(self, shared: Tensor, tasks: list[Tensor], need_shared_out: bool
-                ) -> tuple[Tensor | None, list[Tensor]]:
+    def forward(self, shared: Tensor, tasks: Streams, need_shared_out: bool) -> tuple[Tensor | None, Streams]:
         g1, g2 = self.gates["conv1"], self.gates["conv2"]
         blocks = [self.shared, *self.tasks]
-        inputs = [shared, *tasks]
+        if self.stacks(blocks):
+            x, dim = _stacked_inputs(shared, tasks)
+            y = stacked_call(blocks, x, self._mid, dim)
+            mid = g1.select(y[0], y[1:])
+            y = stacked_call(blocks, (torch.cat([g1.mix(mid).unsqueeze(0), mid]), x), self._out, (0, dim))
+            out = g2.select(y[0], y[1:])
+            return (g2.mix(out) if need_shared_out else None), out
+        inputs = [shared, *_as_list(tasks)]
         psi, *own = self.streams(blocks, inputs, self._mid)
         mid = g1.select(psi, own)
         psi, *own = self.streams(blocks, list(zip([g1.mix(mid), *mid], inputs)), self._out)
@@ -185,9 +233,9 @@ class GatedTransformerBlock(GatedItem):
     def gate_points(self) -> dict[str, GatePoint]:
         return {f"{self.name}.{r}": self.gates[role_key(r)] for r in TRANSFORMER_ROLES}
 
-    def forward(self, shared: Tensor, tasks: list[Tensor], need_shared_out: bool
-                ) -> tuple[Tensor | None, list[Tensor]]:
+    def forward(self, shared: Tensor, tasks: Streams, need_shared_out: bool) -> tuple[Tensor | None, Streams]:
         s, g = self.shared, self.gates
+        tasks = _as_list(tasks)  # the transformer block runs its streams one after another
         hs, ht = s.norm1(shared), [b.norm1(x) for b, x in zip(self.tasks, tasks)]
 
         def project(role: str, key: str, hs: Tensor, ht: Sequence[Tensor]) -> list[Tensor]:

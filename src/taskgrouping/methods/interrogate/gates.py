@@ -105,11 +105,25 @@ class GatePoint(nn.Module):
         """``softmax_t(β)`` (C × T)."""
         return torch.softmax(self.beta, dim=1)
 
-    def select(self, shared: Tensor, own: Sequence[Tensor]) -> list[Tensor]:
-        """Every task's ``φ'_t`` from its own output and the shared output."""
+    def select(self, shared: Tensor, own: Sequence[Tensor] | Tensor) -> list[Tensor] | Tensor:
+        """Every task's ``φ'_t`` from its own output and the shared output; with the task streams stacked
+        along a leading axis (``own``: T × stream shape), as one stacked ``torch.lerp``."""
         g = self.gates()
+        if isinstance(own, Tensor):
+            return torch.lerp(shared.unsqueeze(0), own, self._per_task(g, own))
         return [gate_select(g[t], o, shared, self.channel_dim) for t, o in enumerate(own)]
 
-    def mix(self, streams: Sequence[Tensor]) -> Tensor:
-        """The shared stream's next input ``ψ'``."""
+    def mix(self, streams: Sequence[Tensor] | Tensor) -> Tensor:
+        """The shared stream's next input ``ψ'``; for stacked streams one product and one sum over the task
+        axis (the loop's :class:`Mixture` adds task by task: the two agree to float rounding)."""
+        if isinstance(streams, Tensor):
+            return (streams * self._per_task(self.mix_weights().t(), streams)).sum(0)
         return mix_streams(streams, self.mix_weights(), self.channel_dim)
+
+    def _per_task(self, v: Tensor, stacked: Tensor) -> Tensor:
+        """``v`` (T × C) shaped to broadcast over ``stacked`` (T × stream shape, channels at ``channel_dim``
+        of a stream)."""
+        shape = [1] * stacked.ndim
+        shape[0] = v.shape[0]
+        shape[self.channel_dim + 1 if self.channel_dim >= 0 else self.channel_dim] = v.shape[1]
+        return v.reshape(shape).to(stacked.dtype)
