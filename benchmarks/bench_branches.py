@@ -16,7 +16,7 @@ makes them run one after another (``loop``) or as one ``torch.func.vmap`` call (
 5. inference (eval, no grad) of InterroGate's compiled network ÷ the 8 single-task networks for the
    forced gate patterns of bench_interrogate.py (all task-specific, 75 / 50 / 25 %, all shared), with
    two FLOPs ratios: the kept channels alone (the pruned network InterroGate's paper counts, built with
-   ``kept_channels_only``) and what the compiled network computes (its first layer merged, its copies
+   ``compile(kept_only=True)``) and what the compiled network computes (its first layer merged, its copies
    widened to aligned widths), divided by the STL networks in their faster mode (the compiled network
    is timed in both modes only if it has a ``branch_mode``); its outputs are checked against the gated
    network's (recorded, not a test);
@@ -66,7 +66,6 @@ from taskgrouping.flops import count_flops
 from taskgrouping.io import atomic_write_json, atomic_write_text
 from taskgrouping.methods.dmtg import DMTGModel, DMTGObjective, DMTGOptions
 from taskgrouping.methods.interrogate import GatePoint, InterroGateObjective, InterroGateOptions, build_gated_network
-from taskgrouping.methods.interrogate.compiled import kept_channels_only
 from taskgrouping.models.backbones import build_backbone, output_shape
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.models.heads import make_head
@@ -341,8 +340,7 @@ def inference(task_list, shape, x, device, rounds: int) -> tuple[list[dict], boo
         g = torch.Generator().manual_seed(0)
         gated.set_gates({k: torch.rand(p.alpha.shape, generator=g) < frac for k, p in gated.gate_points().items()})
         net = gated.compile().eval()
-        with kept_channels_only():
-            kept_flops[label] = count_flops(gated.compile(), shape)
+        kept_flops[label] = count_flops(gated.compile(kept_only=True), shape)
         want, got = gated(x), net(x)
         max_rel_diff[label] = max(float((want[t] - got[t]).abs().max() / want[t].abs().max().clamp_min(1e-12))
                                   for t in want)

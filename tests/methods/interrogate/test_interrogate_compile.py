@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from taskgrouping.data.builtin import multimnist
 from taskgrouping.flops import count_flops
 from taskgrouping.methods.interrogate import load_compiled, save_compiled
-from taskgrouping.methods.interrogate.compiled import ALIGN, CompiledUnit, MergedUnit, kept_channels_only
+from taskgrouping.methods.interrogate.compiled import ALIGN, CompiledUnit, MergedUnit
 from taskgrouping.methods.interrogate.pruning import concat_output_channels, pad_output_channels
 from taskgrouping.models.branched import build_branched_model
 from taskgrouping.models.vit import PatchEmbedding
@@ -282,12 +282,11 @@ def test_saved_merged_and_aligned_network_reloads_with_identical_outputs(tmp_pat
 
 def test_networks_saved_before_merging_and_alignment_still_load_and_run(tmp_path, mnist):
     """Files written before the first layer merged and the copies were widened hold plain pruned units,
-    as :func:`kept_channels_only` builds them, and count exactly the kept channels' FLOPs."""
+    as ``compile(kept_only=True)`` builds them, and count exactly the kept channels' FLOPs."""
     net, *_ = make_gated("small_cnn", mnist.input_shape, {}, mnist.tasks)
     masks = mixed_gates(net)
     net.eval()
-    with kept_channels_only():
-        old = net.compile().eval()
+    old = net.compile(kept_only=True).eval()
     assert not any(isinstance(i, MergedUnit) for i in old.items)
     per_channel = {"0.0": 2 * 9 * 196, "1.0": 2 * 16 * 9 * 49, "2.1": 2 * 1568}
     kept = {k: int(m.sum()) + int((~m).any(0).sum()) for k, m in masks.items()}

@@ -21,15 +21,14 @@ moves less memory than slicing it (:func:`merge_pays`), and the other pruned cop
 multiple of :data:`ALIGN` channels (:func:`align_unit`), widths the CPU kernels run fast. Outputs
 equal the gated network's up to float rounding where a wider or merged matrix product sums in another
 order (the mixture sums in the gated network's order, bit for bit); FLOPs count what runs, so the merged
-layer and the widening add to the kept channels' count (:func:`kept_channels_only` builds the network
+layer and the widening add to the kept channels' count (``compile(kept_only=True)`` builds the network
 of the kept channels alone).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from taskgrouping.models.resnet import BasicBlock, ZeroPadShortcut
 from taskgrouping.models.vit import PatchEmbedding
 
 __all__ = ["TRANSFORMER_ROLES", "role_key", "multi_head_attention", "GateAssembly", "CompiledUnit",
-           "MergedUnit", "MEMORY_COST", "ALIGN", "merge_pays", "merge_first_unit", "align_unit", "kept_channels_only",
+           "MergedUnit", "MEMORY_COST", "ALIGN", "merge_pays", "merge_first_unit", "align_unit",
            "CompiledStreamOp", "ResidualOutput", "residual_output", "CompiledBasicBlock", "CompiledTransformerBlock",
            "CompiledInterroGate"]
 
@@ -391,36 +390,22 @@ class CompiledTransformerBlock(nn.Module):
         return (a["ffn_fc2"].mix_streams(xt) if a["ffn_fc2"].mixture else None), xt
 
 
-_EXECUTION_FORMS = [True]
-
-
-@contextlib.contextmanager
-def kept_channels_only() -> Iterator[None]:
-    """Inside, compiled networks are built without :func:`merge_first_unit` and :func:`align_unit`:
-    every copy computes exactly its kept channels, the network whose FLOPs InterroGate's paper counts
-    (same outputs, slower on CPUs). For counting those FLOPs: ``with kept_channels_only(): gated.compile()``."""
-    _EXECUTION_FORMS.append(False)
-    try:
-        yield
-    finally:
-        _EXECUTION_FORMS.pop()
-
-
 class CompiledInterroGate(nn.Module):
     """The static network InterroGate leaves at inference: ``forward(x) -> {task: prediction}``.
 
     ``stem`` (the ungated shared prefix) runs once; ``items`` run the pruned shared and task
     streams; ``heads[i]`` predicts ``task_names[i]``. The first gated layer may become a
     :class:`MergedUnit` (:func:`merge_first_unit`) and the other pruned layers are widened
-    (:func:`align_unit`), unless built inside :func:`kept_channels_only`. ``forward`` runs each task as
-    far as it can without the shared stream before the next task (module docstring).
+    (:func:`align_unit`), unless ``kept_only``: then every copy computes exactly its kept channels, the
+    network whose FLOPs InterroGate's paper counts (same outputs, slower on CPUs). ``forward`` runs each
+    task as far as it can without the shared stream before the next task (module docstring).
     """
 
     def __init__(self, stem: nn.Module, items: Sequence[nn.Module], heads: Sequence[nn.Module],
-                 task_names: Sequence[str]) -> None:
+                 task_names: Sequence[str], kept_only: bool = False) -> None:
         super().__init__()
         self.stem = stem
-        if _EXECUTION_FORMS[-1]:
+        if not kept_only:
             items = [align_unit(i) if isinstance(i, CompiledUnit) else i for i in merge_first_unit(items)]
         self.items = nn.ModuleList(items)
         self.heads = nn.ModuleList(heads)

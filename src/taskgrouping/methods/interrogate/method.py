@@ -26,7 +26,6 @@ from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.baselines import fit_grouping, naive_mtl_model
 from taskgrouping.flops import count_flops, count_parameters
-from taskgrouping.methods.interrogate.compiled import kept_channels_only
 from taskgrouping.methods.interrogate.network import GatedNetwork, build_gated_network
 from taskgrouping.methods.interrogate.objective import InterroGateObjective
 from taskgrouping.methods.interrogate.options import InterroGateOptions
@@ -113,8 +112,7 @@ def interrogate(ctx: MethodContext) -> MethodResult:
     result, val, _ = gated_ctx.fit(model, "interrogate", score_test=False, objective=objective)
     gated: GatedNetwork = result.model
     compiled = gated.compile().eval()
-    with kept_channels_only():  # the pruned network InterroGate's paper counts (no merged or widened layers)
-        kept = gated.compile().eval()
+    kept = gated.compile(kept_only=True).eval()  # the pruned network InterroGate's paper counts
     _, _, test_loader = ctx.loaders()
     test = evaluate(compiled, test_loader, ctx.data.tasks)
     x, _ = next(iter(test_loader))

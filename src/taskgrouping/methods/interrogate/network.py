@@ -138,16 +138,17 @@ class GatedNetwork(nn.Module):
             })
         return rows
 
-    def compile(self) -> CompiledInterroGate:
+    def compile(self, kept_only: bool = False) -> CompiledInterroGate:
         """The static pruned network with the same eval-mode outputs (module
-        :mod:`~taskgrouping.methods.interrogate.compiled`)."""
+        :mod:`~taskgrouping.methods.interrogate.compiled`); ``kept_only``: without merged or widened layers,
+        the network whose FLOPs InterroGate's paper counts."""
         compiled: list[nn.Module] = []
         need = False  # does the next item read the shared stream? (nothing after the last item does)
         for item in reversed(self.items):
             module, need = item.compile(need)
             compiled.append(module)
         net = CompiledInterroGate(copy.deepcopy(self.stem), compiled[::-1], [copy.deepcopy(h) for h in self.heads],
-                                  self.task_names)
+                                  self.task_names, kept_only)
         device = next(self.parameters()).device
         return net.to(device).train(self.training)
 
