@@ -183,6 +183,36 @@ def test_dmtg_head_losses_are_the_same_stacked():
     assert _rel(_grads([twin.net.branches]), _grads([model.net.branches])) <= 1e-6
 
 
+@pytest.mark.parametrize("pruned", [False, True])
+def test_dmtg_heads_of_stacked_branches_run_batched_with_the_loops_losses(pruned, monkeypatch):
+    """Scalar tasks on stacked branches: every branch's bank as one batched product and one loss call per
+    kind (DMTGModel._batched_losses), equal to the loop's per-branch losses and gradients; with a head of
+    one branch pruned the branches run different heads and the per-branch path is taken."""
+    tasks = [Task("a", "binary"), Task("b", "regression"), Task("c", "binary"), Task("d", "regression")]
+    names = [t.name for t in tasks]
+    torch.manual_seed(0)
+    net = build_branched_model(tasks, [names] * 3, (1, 28, 28), backbone="small_cnn")
+    model = DMTGModel(net, names, torch.randn(4, 3))
+    if pruned:
+        model.live[1, 2] = False
+    twin = copy.deepcopy(model)
+    set_branch_mode(twin, "stacked")
+    batched = []
+    original = DMTGModel._batched_losses
+    monkeypatch.setattr(DMTGModel, "_batched_losses", lambda self, *a: batched.append(1) or original(self, *a))
+    x = torch.randn(6, 1, 28, 28)
+    y = {"a": torch.tensor([0, 1, -1, 1, 0, 0]), "b": torch.randn(6), "c": torch.randint(0, 2, (6,)),
+         "d": torch.tensor([0.5, float("nan"), 1.0, -2.0, 0.0, 3.0])}
+    ref, ref_feats = model.head_losses(x, y, tasks)
+    out, out_feats = twin.head_losses(x, y, tasks)
+    assert batched == ([] if pruned else [1])
+    assert sorted(out_feats) == sorted(ref_feats) == [0, 1, 2]
+    ref.sum().backward()
+    out.sum().backward()
+    assert _rel(out, ref) <= 1e-6 and (out[2, 1] == 0) == pruned
+    assert _rel(_grads([twin]), _grads([model])) <= 1e-6
+
+
 @pytest.mark.parametrize("backbone,shape", [("small_cnn", (1, 16, 16)), ("resnet20", (3, 16, 16)),
                                             ("vit", (3, 16, 16))])
 def test_interrogate_streams_stacked_equal_the_loop(backbone, shape):

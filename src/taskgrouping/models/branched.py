@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from taskgrouping.models.backbones import build_backbone, default_backbone, output_shape
 from taskgrouping.models.heads import make_head
-from taskgrouping.models.stacked import BranchMode, run_branches, same_architecture
+from taskgrouping.models.stacked import BranchMode, run_branches, same_architecture, stackable, stacked_call
 from taskgrouping.tasks import Task
 
 HeadKey = tuple[int, str]
@@ -77,6 +77,17 @@ class BranchedModel(nn.Module):
             self._uniform = same_architecture(list(self.branches))
         mode: BranchMode = self.branch_mode if self._uniform else "loop"
         return dict(zip(ks, run_branches([self.branches[k] for k in ks], z, mode)))
+
+    def stacked_branch_features(self, z: Tensor, branches: Sequence[int]) -> Tensor | None:
+        """The requested branches (in the given order) applied to ``z`` as one vmapped call, their outputs
+        stacked along a new leading axis; ``None`` where they run as a loop (``branch_mode`` loop, branches of
+        different architectures, fewer than two, or :func:`~taskgrouping.models.stacked.stackable` says no)."""
+        if self._uniform is None:
+            self._uniform = same_architecture(list(self.branches))
+        modules = [self.branches[k] for k in branches]
+        if self.branch_mode != "stacked" or not self._uniform or len(modules) < 2 or not stackable(modules):
+            return None
+        return stacked_call(modules, z, in_dims=None)
 
     def forward_heads(self, x: Tensor, keys: Iterable[HeadKey] | None = None,
                       ) -> tuple[dict[HeadKey, Tensor], dict[int, Tensor]]:

@@ -41,6 +41,39 @@ class StackedTargets:
             self._cache[ck] = torch.stack(cols, dim=1)
         return self._cache[ck]
 
+    def batched(self, tasks: list[Task]) -> bool:
+        """Whether :meth:`branch_losses` takes these tasks (every one of a vectorised kind)."""
+        return all(self._kind(t) is not None for t in tasks)
+
+    def branch_losses(self, tasks: list[Task], outputs: Tensor, offsets: list[int], positions: list[int]) -> Tensor:
+        """Every branch's losses of ``tasks`` at once (K x len(tasks)) from ``outputs`` (K x B x the heads'
+        outputs side by side, task ``j``'s in columns ``offsets[j]:offsets[j + 1]``): one call per kind for
+        all K branches, equal to :meth:`losses` per branch to float rounding."""
+        out: list[Tensor | None] = [None] * len(tasks)
+        buckets: dict[tuple, list[int]] = {}
+        for j, t in enumerate(tasks):
+            buckets.setdefault(self._kind(t), []).append(j)  # type: ignore[arg-type]
+        K, B = outputs.shape[:2]
+        for key, js in buckets.items():
+            tgt = self._stack(key, [positions[j] for j in js])  # B x n
+            cols = [c for j in js for c in range(offsets[j], offsets[j + 1])]
+            picked = outputs[..., cols].float()
+            if key[0] == "binary":  # (K B) x 2 x n logits against the targets repeated per branch
+                logits = picked.reshape(K * B, len(js), 2).transpose(1, 2)
+                y = tgt.long()
+                valid = y >= 0
+                per = F.cross_entropy(logits, y.clamp_min(0).repeat(K, 1), reduction="none").reshape(K, B, len(js))
+            else:
+                y = tgt.to(picked.dtype)
+                valid = ~torch.isnan(y)
+                diff = picked - torch.nan_to_num(y)
+                per = diff.abs() if key[1] == "l1" else diff.square()
+            per = torch.where(valid, per, torch.zeros_like(per))
+            vals = per.sum(1) / valid.sum(0).clamp_min(1).to(per.dtype)  # K x n
+            for n, j in enumerate(js):
+                out[j] = vals[:, n]
+        return torch.stack(out, dim=1)  # type: ignore[arg-type]
+
     def losses(self, tasks: list[Task], preds: list[Tensor], positions: list[int]) -> Tensor:
         out: list[Tensor | None] = [None] * len(tasks)
         buckets: dict[tuple, list[int]] = {}

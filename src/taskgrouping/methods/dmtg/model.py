@@ -148,7 +148,15 @@ class DMTGModel(nn.Module):
         # one read of the K x N mask (on CUDA one synchronisation a step, not one per branch)
         run = {k: idx for k, row in enumerate((self.live & labelled).tolist())
                if (idx := [i for i, on in enumerate(row) if on])}
-        feats = self.net.branch_features(scale_grad(z, self.branch_scale), run)
+        zs = scale_grad(z, self.branch_scale)
+        ks, idxs = list(run), list(run.values())
+        task_list = [tasks[i] for i in idxs[0]] if idxs else []
+        if (assign is None and self.fused and len(ks) > 1 and all(idx == idxs[0] for idx in idxs)
+                and stacked.batched(task_list)
+                and (stacked_feats := self.net.stacked_branch_features(zs, ks)) is not None):
+            return self._batched_losses(loss, stacked_feats, ks, idxs[0], stacked, task_list), \
+                dict(zip(ks, stacked_feats.unbind(0)))
+        feats = self.net.branch_features(zs, run)
         for k, idx in run.items():
             fh = scale_grad(feats[k], self.head_scale)
             probes = set() if assign is None else {j for j, i in enumerate(idx) if assign[i] != k}
@@ -156,6 +164,27 @@ class DMTGModel(nn.Module):
             col = stacked.losses([tasks[i] for i in idx], preds, idx)
             loss = loss.index_put((self._index(idx, x.device), self._index([k] * len(idx), x.device)), col)
         return loss, feats
+
+    def _batched_losses(self, loss: Tensor, feats: Tensor, ks: list[int], idx: list[int], stacked: StackedTargets,
+                        task_list: list[Task]) -> Tensor:
+        """``loss`` with the heads ``idx`` of branches ``ks`` filled in, from their stacked features (len(ks) x
+        B x F): every branch's bank as one batched matrix product and one loss call per task kind (branches
+        stacked, every branch running the same heads, no probes)."""
+        fh = scale_grad(feats, self.head_scale)
+        weight = torch.stack([self.banks[k].weight for k in ks])
+        bias = torch.stack([self.banks[k].bias for k in ks])
+        offsets = [0]
+        if len(idx) < len(self.task_names):
+            rows = self._index([r for i in idx for r in range(self.offsets[i], self.offsets[i + 1])], weight.device)
+            weight, bias = weight[:, rows], bias[:, rows]
+        for i in idx:
+            offsets.append(offsets[-1] + self.out_sizes[i])
+        outputs = torch.baddbmm(bias.unsqueeze(1), fh, weight.transpose(1, 2))
+        vals = stacked.branch_losses(task_list, outputs, offsets, idx)  # len(ks) x len(idx)
+        device = loss.device
+        rows_i = self._index(idx, device).unsqueeze(1).expand(len(idx), len(ks))
+        cols_k = self._index(ks, device).unsqueeze(0).expand(len(idx), len(ks))
+        return loss.index_put((rows_i, cols_k), vals.t())
 
     def _index(self, values: list[int], device: torch.device) -> Tensor:
         """``values`` as an index tensor on ``device``, made once (no host-to-device copy every step)."""
