@@ -8,7 +8,8 @@ in backward on CUDA); ``train.amp`` and ``train.branches`` are the defaults (bf1
 branches on CUDA). A run passes when it writes results.json with finite test losses; a failure is recorded
 with its error's last line. The numbers themselves are not the point (a few dozen steps).
 
-Writes benchmarks/results/device_smoke_<device>.json and .md; exits 1 if any run failed.
+Writes benchmarks/results/device_smoke_<device>.json and .md after every run (a run cut short keeps what it
+did); exits 1 if any run failed.
 
     python benchmarks/device_smoke.py [--device cuda] [--cases mlp,cnn,bn,vit] [--methods naive_mtl,dmtg,...]
 """
@@ -92,24 +93,33 @@ def main() -> None:
     unknown = [c for c in cases if c not in CASES] + [m for m in methods if m not in available_methods()]
     if unknown:
         sys.exit(f"error: unknown case or method {unknown}; cases {list(CASES)}, methods {sorted(available_methods())}")
-    rows = []
-    for case, method in runs(cases, methods):
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU"
+    planned = runs(cases, methods)
+    rows: list[dict] = []
+    failed = write(name, args, rows, len(planned))
+    for case, method in planned:
         row = run_one(case, method, args.device, args.epochs)
         print(f"{case:4} {method:15} {'ok' if row['ok'] else 'FAILED'} {row['seconds']:6.1f} s"
               + (f"  {row['error']}" if row["error"] else ""), flush=True)
         rows.append(row)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU"
+        failed = write(name, args, rows, len(planned))  # after every run: a run cut short keeps what it did
+    sys.exit(1 if failed else 0)
+
+
+def write(name: str, args: argparse.Namespace, rows: list[dict], planned: int) -> int:
+    """device_smoke_<device>.json / .md for the runs so far; returns how many failed."""
     result = {"device": args.device, "device_name": name, "torch": torch.__version__, "epochs": args.epochs,
-              "git_revision": git_revision(), "runs": rows, "failed": sum(not r["ok"] for r in rows)}
+              "git_revision": git_revision(), "runs": rows, "planned": planned,
+              "failed": sum(not r["ok"] for r in rows)}
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / f"device_smoke_{args.device}.json", result, strict=True)
     lines = [f"# Every method end to end on {name} ({args.device}, torch {torch.__version__})", "",
-             f"{args.epochs} epochs on tiny data, default amp and branches; {result['failed']} of {len(rows)} runs "
-             "failed.", "", "| case | method | result | seconds |", "|---|---|---|---|"]
+             f"{args.epochs} epochs on tiny data, default amp and branches; {len(rows)} of {planned} runs done, "
+             f"{result['failed']} failed.", "", "| case | method | result | seconds |", "|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['method']} | {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} | {r['seconds']} |"
               for r in rows]
     atomic_write_text(OUT / f"device_smoke_{args.device}.md", "\n".join(lines) + "\n")
-    sys.exit(1 if result["failed"] else 0)
+    return result["failed"]
 
 
 if __name__ == "__main__":

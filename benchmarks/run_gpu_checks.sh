@@ -26,7 +26,7 @@ step() {  # step SECONDS command...: run under a limit no later than the budget 
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-step 150 python3 benchmarks/device_smoke.py
+step 240 python3 benchmarks/device_smoke.py
 cp benchmarks/results/device_smoke_cuda.json benchmarks/results/device_smoke_cuda.md "$out" 2>/dev/null
 TASKGROUPING_TEST_DEVICE=cuda step 120 python3 -m pytest -q -p no:cacheprovider tests/models/test_stacked.py \
   -k "every_backbone or float32 or interrogate_streams"
