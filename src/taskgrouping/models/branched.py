@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from taskgrouping.models.backbones import build_backbone, default_backbone, output_shape
 from taskgrouping.models.heads import make_head
-from taskgrouping.models.stacked import BranchMode, run_branches, same_architecture, stackable, stacked_call
+from taskgrouping.models.stacked import BranchMode, same_architecture, stackable, stacked_call
 from taskgrouping.tasks import Task
 
 HeadKey = tuple[int, str]
@@ -73,10 +73,8 @@ class BranchedModel(nn.Module):
     def branch_features(self, z: Tensor, branches: Iterable[int]) -> dict[int, Tensor]:
         """The requested branches applied to the stem's output ``z`` (stacked or looped, see ``branch_mode``)."""
         ks = sorted(set(branches))
-        if self._uniform is None:
-            self._uniform = same_architecture(list(self.branches))
-        mode: BranchMode = self.branch_mode if self._uniform else "loop"
-        return dict(zip(ks, run_branches([self.branches[k] for k in ks], z, mode)))
+        stacked = self.stacked_branch_features(z, ks)
+        return dict(zip(ks, stacked.unbind(0) if stacked is not None else [self.branches[k](z) for k in ks]))
 
     def stacked_branch_features(self, z: Tensor, branches: Sequence[int]) -> Tensor | None:
         """The requested branches (in the given order) applied to ``z`` as one vmapped call, their outputs

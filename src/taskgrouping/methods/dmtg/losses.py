@@ -16,6 +16,22 @@ from taskgrouping.tasks import Task
 __all__ = ["StackedTargets"]
 
 
+def _per_element(key: tuple, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """One kind's per-element losses (0 where the label is missing) and where the labels are valid:
+    ``binary`` from logits (rows x 2 x n) and class ids (rows x n, -1 missing), ``regression`` from
+    predictions and values of one shape (NaN missing; ``key[1]`` the loss type, l1 or squared)."""
+    if key[0] == "binary":
+        y = targets.long()
+        valid = y >= 0
+        per = F.cross_entropy(outputs, y.clamp_min(0), reduction="none")
+    else:
+        y = targets.to(outputs.dtype)
+        valid = ~torch.isnan(y)
+        diff = outputs - torch.nan_to_num(y)
+        per = diff.abs() if key[1] == "l1" else diff.square()
+    return torch.where(valid, per, torch.zeros_like(per)), valid
+
+
 class StackedTargets:
     """One step's targets, stacked per kind of scalar task so that many heads' losses are computed by
     one vectorised call; other kinds fall back to :meth:`Task.loss`. Values equal ``Task.loss`` to float
@@ -59,16 +75,10 @@ class StackedTargets:
             cols = [c for j in js for c in range(offsets[j], offsets[j + 1])]
             picked = outputs[..., cols].float()
             if key[0] == "binary":  # (K B) x 2 x n logits against the targets repeated per branch
-                logits = picked.reshape(K * B, len(js), 2).transpose(1, 2)
-                y = tgt.long()
-                valid = y >= 0
-                per = F.cross_entropy(logits, y.clamp_min(0).repeat(K, 1), reduction="none").reshape(K, B, len(js))
+                per, valid = _per_element(key, picked.reshape(K * B, len(js), 2).transpose(1, 2), tgt.repeat(K, 1))
+                per, valid = per.reshape(K, B, len(js)), valid[:B]
             else:
-                y = tgt.to(picked.dtype)
-                valid = ~torch.isnan(y)
-                diff = picked - torch.nan_to_num(y)
-                per = diff.abs() if key[1] == "l1" else diff.square()
-            per = torch.where(valid, per, torch.zeros_like(per))
+                per, valid = _per_element(key, picked, tgt)
             vals = per.sum(1) / valid.sum(0).clamp_min(1).to(per.dtype)  # K x n
             for n, j in enumerate(js):
                 out[j] = vals[:, n]
@@ -85,18 +95,9 @@ class StackedTargets:
                 buckets.setdefault(key, []).append(j)
         for key, js in buckets.items():
             tgt = self._stack(key, [positions[j] for j in js])
-            if key[0] == "binary":
-                logits = torch.stack([preds[j] for j in js], dim=2).float()  # B x 2 x n
-                y = tgt.long()
-                valid = y >= 0
-                per = F.cross_entropy(logits, y.clamp_min(0), reduction="none")
-            else:
-                p = torch.cat([preds[j] for j in js], dim=1).float()
-                y = tgt.to(p.dtype)
-                valid = ~torch.isnan(y)
-                diff = p - torch.nan_to_num(y)
-                per = diff.abs() if key[1] == "l1" else diff.square()
-            per = torch.where(valid, per, torch.zeros_like(per))
+            parts = [preds[j] for j in js]  # binary: B x 2 logits each, stacked to B x 2 x n
+            outputs = torch.stack(parts, dim=2) if key[0] == "binary" else torch.cat(parts, dim=1)
+            per, valid = _per_element(key, outputs.float(), tgt)
             vals = per.sum(0) / valid.sum(0).clamp_min(1).to(per.dtype)
             for n, j in enumerate(js):
                 out[j] = vals[n]

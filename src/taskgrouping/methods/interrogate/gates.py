@@ -31,6 +31,14 @@ def _channel_view(v: Tensor, ndim: int, dim: int) -> Tensor:
     return v.reshape(shape)
 
 
+def _task_channel_view(v: Tensor, stream_ndim: int, dim: int) -> Tensor:
+    """``v`` (T × C) as (T, 1, .., C, .., 1): broadcast over T streams stacked along a leading axis, with the
+    channels at ``dim`` of a stream."""
+    shape = [1] * stream_ndim
+    shape[dim] = v.shape[1]
+    return v.reshape([v.shape[0]] + shape)
+
+
 def gate_select(gate: Tensor, own: Tensor, shared: Tensor, dim: int) -> Tensor:
     """``G ⊙ own + (1 − G) ⊙ shared`` with the per-channel gate broadcast along ``dim``, as one
     ``torch.lerp`` (one pass over the activations instead of three; the same gradients). With ``G`` 0 or 1
@@ -53,9 +61,7 @@ class Mixture:
 
     def add(self, t: int, s: Tensor) -> None:
         if self.per_task is None:
-            shape = [1] * s.ndim
-            shape[self.channel_dim] = self.weights.shape[0]
-            self.per_task = self.weights.t().reshape([self.weights.shape[1]] + shape).to(s.dtype)
+            self.per_task = _task_channel_view(self.weights.t(), s.ndim, self.channel_dim).to(s.dtype)
         w = self.per_task[t]
         self.out = s * w if self.out is None else self.out.add_(s * w)
 
@@ -110,20 +116,13 @@ class GatePoint(nn.Module):
         along a leading axis (``own``: T × stream shape), as one stacked ``torch.lerp``."""
         g = self.gates()
         if isinstance(own, Tensor):
-            return torch.lerp(shared.unsqueeze(0), own, self._per_task(g, own))
+            return torch.lerp(shared.unsqueeze(0), own, _task_channel_view(g, shared.ndim, self.channel_dim).to(own.dtype))
         return [gate_select(g[t], o, shared, self.channel_dim) for t, o in enumerate(own)]
 
     def mix(self, streams: Sequence[Tensor] | Tensor) -> Tensor:
         """The shared stream's next input ``ψ'``; for stacked streams one product and one sum over the task
         axis (the loop's :class:`Mixture` adds task by task: the two agree to float rounding)."""
         if isinstance(streams, Tensor):
-            return (streams * self._per_task(self.mix_weights().t(), streams)).sum(0)
+            weights = _task_channel_view(self.mix_weights().t(), streams.ndim - 1, self.channel_dim)
+            return (streams * weights.to(streams.dtype)).sum(0)
         return mix_streams(streams, self.mix_weights(), self.channel_dim)
-
-    def _per_task(self, v: Tensor, stacked: Tensor) -> Tensor:
-        """``v`` (T × C) shaped to broadcast over ``stacked`` (T × stream shape, channels at ``channel_dim``
-        of a stream)."""
-        shape = [1] * stacked.ndim
-        shape[0] = v.shape[0]
-        shape[self.channel_dim + 1 if self.channel_dim >= 0 else self.channel_dim] = v.shape[1]
-        return v.reshape(shape).to(stacked.dtype)
