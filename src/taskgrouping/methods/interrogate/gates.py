@@ -116,7 +116,8 @@ class GatePoint(nn.Module):
         along a leading axis (``own``: T × stream shape), as one stacked ``torch.lerp``."""
         g = self.gates()
         if isinstance(own, Tensor):
-            return torch.lerp(shared.unsqueeze(0), own, _task_channel_view(g, shared.ndim, self.channel_dim).to(own.dtype))
+            gates = _task_channel_view(g, shared.ndim, self.channel_dim)
+            return torch.lerp(shared.unsqueeze(0), own, gates.to(own.dtype))
         return [gate_select(g[t], o, shared, self.channel_dim) for t, o in enumerate(own)]
 
     def mix(self, streams: Sequence[Tensor] | Tensor) -> Tensor:
