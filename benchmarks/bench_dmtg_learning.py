@@ -201,12 +201,12 @@ def mates_cost(rounds: int = 15) -> list[dict]:
 NOISE_SEED_SHIFT = 1000
 
 
-def noise_floor(presets: list[str], seeds: list[int]) -> dict:
+def noise_floor(presets: list[str], seeds: list[int], saved: dict | None = None) -> dict:
     """The known grouping (``oracle``) trained twice on the same data, with training seeds s and s + 1000
     (initialisation, batch order): the ratio of their total test losses is what the training seed alone moves,
     the floor under any "method ÷ oracle" ratio of the other tables."""
     oracle = available_methods()["oracle"]
-    out: dict = {}
+    out: dict = saved or {}  # the rows of the other presets and seeds stay as they were measured
     for preset in presets:
         for seed in seeds:
             cfg, data = _setup(preset, seed)
@@ -238,7 +238,7 @@ def noise_floor_markdown(floor: dict, dmtg_files: list[str]) -> str:
 
     for preset, seeds in floor.items():
         keys = sorted(seeds, key=int)
-        for part in (keys[:5], keys[5:], keys if len(keys) > 5 else []):
+        for part in [keys[i:i + 5] for i in range(0, len(keys), 5)] + ([keys] if len(keys) > 5 else []):
             if part:
                 lines.append(f"| {preset} | {part[0]}–{part[-1]} | {cell([seeds[s]['ratio'] for s in part])} | "
                              f"{cell([dmtg[preset][s] for s in part if s in dmtg.get(preset, {})])} |")
@@ -251,15 +251,20 @@ def noise_floor_markdown(floor: dict, dmtg_files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def total_cost(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[dict]:
+COST_PRESETS = ("multimnist", "multimnist_independent", "planted", "planted_independent", "diabetes")
+
+
+def total_cost(presets: tuple[str, ...] = COST_PRESETS, seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+               saved: list[dict] | None = None) -> list[dict]:
     """Whole-run training seconds of the default DMTG recipe and of naive MTL on the same data (one thread,
-    alternating in one process): MultiMNIST and multimnist_independent (K=2, a fixed 8 epochs, DMTG's run
-    longer by its 3 held epochs), planted and planted_independent (K=3, early stopping after 10 epochs without
-    improvement; DMTG's held epochs do not count towards it), and sklearn's diabetes table (K=3, a fixed 20
-    epochs of 3 steps, DMTG's run longer by its 8 held epochs and by those added until S has converged)."""
+    alternating in one process): MultiMNIST (K=2, a fixed 8 epochs, DMTG's run longer by its 3 held epochs),
+    multimnist_independent (K=2, early stopping after 4 epochs without improvement, at most 30), planted and
+    planted_independent (K=3, early stopping after 10; DMTG's held epochs do not count towards it), and sklearn's
+    diabetes table (K=3, a fixed 20 epochs of 3 steps, DMTG's run longer by its 8 held epochs and by those added
+    until S has converged)."""
     methods = available_methods()
-    rows = []
-    for preset in ("multimnist", "multimnist_independent", "planted", "planted_independent", "diabetes"):
+    rows = [r for r in saved or [] if (r["preset"], r["seed"]) not in {(p, s) for p in presets for s in seeds}]
+    for preset in presets:
         for seed in seeds:
             cfg, data = _setup(preset, seed)
             seconds = {}
@@ -274,7 +279,8 @@ def total_cost(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[dict]:
                          "dmtg_s": seconds["dmtg"], "naive_epochs": naive_epochs, "dmtg_epochs": epochs,
                          "dmtg_over_K_plus_1_naive": seconds["dmtg"] / ((cfg["K"] + 1) * seconds["naive_mtl"])})
             print(rows[-1], flush=True)
-    return rows
+    order = {p: i for i, p in enumerate(COST_PRESETS)}
+    return sorted(rows, key=lambda r: (order.get(r["preset"], len(order)), r["seed"]))
 
 
 def total_cost_markdown(rows: list[dict]) -> str:
@@ -287,7 +293,8 @@ def total_cost_markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--presets", default=None, help="comma-separated (default: every preset of the chosen table); "
+                    "the rows of other presets and seeds in an existing result file are kept")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--options", default="{}", help="DMTG options (JSON) for every DMTG run")
     ap.add_argument("--tag", default="", help="suffix of the result files (dmtg_learning_TAG.*)")
@@ -304,12 +311,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.noise_floor:
-        floor = noise_floor(args.presets.split(","), [int(s) for s in args.seeds.split(",")])
+        path = OUT / "dmtg_learning_noise_floor.json"
+        floor = noise_floor((args.presets or ",".join(PRESETS)).split(","), [int(s) for s in args.seeds.split(",")],
+                            json.loads(path.read_text()) if path.exists() else None)
         atomic_write_text(OUT / "dmtg_learning_noise_floor.json", json.dumps(floor, indent=1))
         atomic_write_text(OUT / "dmtg_learning_noise_floor.md", noise_floor_markdown(floor, args.dmtg_results.split(",")))
         return
     if args.total_cost:
-        rows = total_cost()
+        path = OUT / "dmtg_learning_total_cost.json"
+        rows = total_cost(tuple(args.presets.split(",")) if args.presets else COST_PRESETS,
+                          tuple(int(s) for s in args.seeds.split(",")),
+                          json.loads(path.read_text()) if path.exists() else None)
         atomic_write_text(OUT / "dmtg_learning_total_cost.json", json.dumps(rows, indent=1))
         atomic_write_text(OUT / "dmtg_learning_total_cost.md", total_cost_markdown(rows))
         return
@@ -330,7 +342,7 @@ def main() -> None:
     results = saved.get("results", {})
     options = json.loads(args.options)
     reference = json.loads((OUT / "dmtg_learning.json").read_text())["results"] if args.reuse_baselines else {}
-    for preset in args.presets.split(","):
+    for preset in (args.presets or ",".join(PRESETS)).split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             base = reference[preset][str(seed)] if args.reuse_baselines else None
             results.setdefault(preset, {})[str(seed)] = run_seed(preset, seed, options, base,
