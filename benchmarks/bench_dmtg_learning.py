@@ -23,7 +23,8 @@ benchmarks/results/dmtg_learning.{json,md}.
 
 The held-out seeds' table (dmtg_learning_attribution_seeds5-9.*) is ``--presets
 multimnist_independent,planted_independent,multimnist_dense --seeds 5,6,7,8,9 --starts random --tag
-attribution_seeds5-9``.
+attribution_seeds5-9``. The recovery, noise-floor and total-cost tables keep the rows of the presets and
+seeds a run does not name, so one preset can be measured again alone (``--presets multimnist_independent``).
 """
 
 from __future__ import annotations
