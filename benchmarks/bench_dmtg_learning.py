@@ -311,9 +311,10 @@ def main() -> None:
                     help="with --noise-floor: result files (comma-separated) whose DMTG random-start ratios go beside it")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    presets = (args.presets or ",".join(PRESETS)).split(",")
     if args.noise_floor:
         path = OUT / "dmtg_learning_noise_floor.json"
-        floor = noise_floor((args.presets or ",".join(PRESETS)).split(","), [int(s) for s in args.seeds.split(",")],
+        floor = noise_floor(presets, [int(s) for s in args.seeds.split(",")],
                             json.loads(path.read_text()) if path.exists() else None)
         atomic_write_text(OUT / "dmtg_learning_noise_floor.json", json.dumps(floor, indent=1))
         atomic_write_text(OUT / "dmtg_learning_noise_floor.md", noise_floor_markdown(floor, args.dmtg_results.split(",")))
@@ -343,7 +344,7 @@ def main() -> None:
     results = saved.get("results", {})
     options = json.loads(args.options)
     reference = json.loads((OUT / "dmtg_learning.json").read_text())["results"] if args.reuse_baselines else {}
-    for preset in (args.presets or ",".join(PRESETS)).split(","):
+    for preset in presets:
         for seed in (int(s) for s in args.seeds.split(",")):
             base = reference[preset][str(seed)] if args.reuse_baselines else None
             results.setdefault(preset, {})[str(seed)] = run_seed(preset, seed, options, base,

@@ -80,3 +80,26 @@ def test_heads_of_tasks_without_a_label_in_the_batch_are_not_run():
     assert torch.equal(sparse[1], torch.zeros(model.K))
     keep = [0, 2, 3]
     assert torch.allclose(sparse[keep], full[keep], atol=1e-7)
+
+
+def test_index_cache_stays_bounded_and_losses_do_not_depend_on_it(monkeypatch):
+    """Batches that label different subsets of tasks each add index tensors; the cache is cleared at its bound
+    and rebuilt, with the same losses."""
+    from taskgrouping.methods.dmtg import model as dmtg_model
+
+    data = small_data()
+    x, y = data.train[list(range(16))]
+    batches = []
+    for absent in data.task_names:  # every batch labels another subset of the tasks
+        sparse = dict(y)
+        sparse[absent] = torch.full_like(y[absent], float("nan")) if y[absent].is_floating_point() \
+            else torch.full_like(y[absent], -1)
+        batches.append(sparse)
+    unbounded = small_model(data)
+    expected = [unbounded.head_losses(x, b, data.tasks)[0] for b in batches]
+    monkeypatch.setattr(dmtg_model, "_MAX_INDICES", 2)
+    bounded = small_model(data)
+    for b, want in zip(batches, expected):
+        assert torch.equal(bounded.head_losses(x, b, data.tasks)[0], want)
+        assert len(bounded._indices) <= 2
+    assert len(unbounded._indices) > 2  # the bound was reached

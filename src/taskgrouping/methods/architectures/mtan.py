@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taskgrouping.device import model_device
 from taskgrouping.grouping.grouping import Grouping
 from taskgrouping.methods.base import MethodContext, MethodResult, register_method
 from taskgrouping.methods.architectures.blocks import block_output_shapes, channel_axis, sequential_blocks
@@ -216,7 +217,7 @@ def mtan(ctx: MethodContext) -> MethodResult:
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "attended_blocks": list(range(net.attend_from, len(net.backbone))),
-        "mean_attention": net.mean_attention(x.to(next(net.parameters()).device)),
+        "mean_attention": net.mean_attention(x.to(model_device(net))),
         "n_parameters": sum(p.numel() for p in net.parameters()),
     }
     grouping = Grouping.partition([ctx.data.task_names], method="mtan", note=NOT_A_GROUPING)

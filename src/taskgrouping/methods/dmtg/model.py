@@ -23,6 +23,9 @@ from taskgrouping.tasks import Task, valid_counts
 
 __all__ = ["DMTGModel", "scale_grad"]
 
+#: index tensors a DMTGModel keeps for its heads' subsets (one per subset and device seen, then cleared)
+_MAX_INDICES = 256
+
 
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the gradient by ``scale`` on the way back."""
@@ -187,9 +190,12 @@ class DMTGModel(nn.Module):
         return loss.index_put((rows_i, cols_k), vals.t())
 
     def _index(self, values: list[int], device: torch.device) -> Tensor:
-        """``values`` as an index tensor on ``device``, made once (no host-to-device copy every step)."""
+        """``values`` as an index tensor on ``device``, made once (no host-to-device copy every step; at most
+        :data:`_MAX_INDICES` kept)."""
         key = (tuple(values), device)
         if key not in self._indices:
+            if len(self._indices) >= _MAX_INDICES:  # labels missing at random make new subsets every batch
+                self._indices.clear()
             self._indices[key] = torch.tensor(values, dtype=torch.long, device=device)
         return self._indices[key]
 

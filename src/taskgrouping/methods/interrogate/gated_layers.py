@@ -139,11 +139,8 @@ class GatedStreamOp(GatedItem):
             x, dim = _stacked_inputs(shared if run_shared else None, tasks)
             y = stacked_call(modules, x, in_dims=dim)
             return (y[0], y[1:]) if run_shared else (None, y)
-        tasks = _as_list(tasks)
-        if run_shared:
-            psi, *out = self.streams([self.shared, *self.tasks], [shared, *tasks])
-            return psi, out
-        return None, self.streams(list(self.tasks), tasks)
+        out = self.streams(modules, [shared, *_as_list(tasks)] if run_shared else _as_list(tasks))
+        return (out[0], out[1:]) if run_shared else (None, out)
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         tasks = [copy.deepcopy(m) for m in self.tasks] if self.per_stream else [copy.deepcopy(self.shared)]

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from taskgrouping.device import model_device
 from taskgrouping.methods.interrogate.compiled import CompiledInterroGate
 from taskgrouping.methods.interrogate.gated_layers import (GatedBasicBlock, GatedItem, GatedStreamOp,
                                                             GatedTransformerBlock, GatedUnit)
@@ -149,8 +150,7 @@ class GatedNetwork(nn.Module):
             compiled.append(module)
         net = CompiledInterroGate(copy.deepcopy(self.stem), compiled[::-1], [copy.deepcopy(h) for h in self.heads],
                                   self.task_names, kept_only)
-        device = next(self.parameters()).device
-        return net.to(device).train(self.training)
+        return net.to(model_device(self)).train(self.training)
 
 
 def _plan(backbone: nn.Module) -> list[tuple[str, list[str]]]:
