@@ -13,7 +13,8 @@ equivalent from :mod:`~taskgrouping.methods.interrogate.compiled`.
 
 With ``branch_mode`` stacked the task streams travel between layers as one tensor (T × a stream's
 shape): each layer runs its T + 1 copies as one vmapped call on the stacked inputs, selects all tasks'
-``φ'_t`` with one ``torch.lerp`` and mixes ``ψ'`` with one product and sum, instead of T of each.
+``φ'_t`` with one ``torch.lerp`` and mixes ``ψ'`` with one product and sum, instead of T of each. In a loop a
+layer's selections and mixture are one autograd node (:func:`~taskgrouping.methods.interrogate.gates.select_and_mix`).
 """
 
 from __future__ import annotations
@@ -102,11 +103,9 @@ class GatedUnit(GatedItem):
         if self.stacks(modules):
             x, dim = _stacked_inputs(shared, tasks)
             y = stacked_call(modules, x, in_dims=dim)
-            out = self.gate.select(y[0], y[1:])
-        else:
-            psi, *own = self.streams(modules, [shared, *_as_list(tasks)])
-            out = self.gate.select(psi, own)
-        return (self.gate.mix(out) if need_shared_out else None), out
+            return self.gate.select_and_mix(y[0], y[1:], need_shared_out)
+        psi, *own = self.streams(modules, [shared, *_as_list(tasks)])
+        return self.gate.select_and_mix(psi, own, need_shared_out)
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         asm = GateAssembly(self.gate.hard_gates(), self.gate.mix_weights(), self.gate.channel_dim, need_shared_out)
@@ -179,16 +178,14 @@ class GatedBasicBlock(GatedItem):
         if self.stacks(blocks):
             x, dim = _stacked_inputs(shared, tasks)
             y = stacked_call(blocks, x, self._mid, dim)
-            mid = g1.select(y[0], y[1:])
-            y = stacked_call(blocks, (torch.cat([g1.mix(mid).unsqueeze(0), mid]), x), self._out, (0, dim))
-            out = g2.select(y[0], y[1:])
-            return (g2.mix(out) if need_shared_out else None), out
+            mid_s, mid = g1.select_and_mix(y[0], y[1:], True)
+            y = stacked_call(blocks, (torch.cat([mid_s.unsqueeze(0), mid]), x), self._out, (0, dim))
+            return g2.select_and_mix(y[0], y[1:], need_shared_out)
         inputs = [shared, *_as_list(tasks)]
         psi, *own = self.streams(blocks, inputs, self._mid)
-        mid = g1.select(psi, own)
-        psi, *own = self.streams(blocks, list(zip([g1.mix(mid), *mid], inputs)), self._out)
-        out = g2.select(psi, own)
-        return (g2.mix(out) if need_shared_out else None), out
+        mid_s, mid = g1.select_and_mix(psi, own, True)
+        psi, *own = self.streams(blocks, list(zip([mid_s, *mid], inputs)), self._out)
+        return g2.select_and_mix(psi, own, need_shared_out)
 
     def compile(self, need_shared_out: bool) -> tuple[nn.Module, bool]:
         g1, g2 = self.gates["conv1"], self.gates["conv2"]
@@ -235,18 +232,20 @@ class GatedTransformerBlock(GatedItem):
         tasks = _as_list(tasks)  # the transformer block runs its streams one after another
         hs, ht = s.norm1(shared), [b.norm1(x) for b, x in zip(self.tasks, tasks)]
 
-        def project(role: str, key: str, hs: Tensor, ht: Sequence[Tensor]) -> list[Tensor]:
-            return g[key].select(_transformer_linear(s, role)(hs),
-                                 [_transformer_linear(b, role)(h) for b, h in zip(self.tasks, ht)])
+        def project(role: str, hs: Tensor, ht: Sequence[Tensor], need_mix: bool) -> tuple[Tensor | None, list[Tensor]]:
+            mixed, out = g[role_key(role)].select_and_mix(
+                _transformer_linear(s, role)(hs), [_transformer_linear(b, role)(h) for b, h in zip(self.tasks, ht)],
+                need_mix)
+            return mixed, _as_list(out)
 
-        q, k, v = (project(r, role_key(r), hs, ht) for r in ("attn.q", "attn.k", "attn.v"))
-        att_s = multi_head_attention(g["attn_q"].mix(q), g["attn_k"].mix(k), g["attn_v"].mix(v), self.heads)
+        (qs, q), (ks, k), (vs, v) = (project(r, hs, ht, True) for r in ("attn.q", "attn.k", "attn.v"))
+        att_s = multi_head_attention(qs, ks, vs, self.heads)
         att = [multi_head_attention(qt, kt, vt, self.heads) for qt, kt, vt in zip(q, k, v)]
-        o = project("attn.out", "attn_out", att_s, att)
+        _, o = project("attn.out", att_s, att, False)
         xt = [x + ot for x, ot in zip(tasks, o)]
         xs = g["attn_out"].mix(xt)
-        f = project("ffn.fc1", "ffn_fc1", s.norm2(xs), [b.norm2(x) for b, x in zip(self.tasks, xt)])
-        f2 = project("ffn.fc2", "ffn_fc2", F.gelu(g["ffn_fc1"].mix(f)), [F.gelu(ft) for ft in f])
+        fs, f = project("ffn.fc1", s.norm2(xs), [b.norm2(x) for b, x in zip(self.tasks, xt)], True)
+        _, f2 = project("ffn.fc2", F.gelu(fs), [F.gelu(ft) for ft in f], False)
         xt = [x + ft for x, ft in zip(xt, f2)]
         return (g["ffn_fc2"].mix(xt) if need_shared_out else None), xt
 

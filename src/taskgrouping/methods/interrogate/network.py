@@ -12,7 +12,7 @@ network (:mod:`~taskgrouping.methods.interrogate.compiled`).
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,17 @@ class GatedNetwork(nn.Module):
         self.task_names: list[str] = list(heads)
         self.heads = nn.ModuleList(heads.values())
         self.last_gated = gated[-1]
+        for point in self.gate_points().values():
+            point.on_cut = self._write_zero_shared_grads
+
+    def _write_zero_shared_grads(self) -> None:
+        """After a backward pass in which a gated layer sent its shared stream no gradient (no task read it):
+        the zero gradient the gate formula gives every shared-stream parameter that got none, so that the
+        optimiser steps them as it would under autograd through the formula (Adam's step count, weight decay).
+        """
+        for p in self._shared_parameters(self.items[:self.last_gated + 1]):  # the shared stream runs up to there
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     @property
     def n_tasks(self) -> int:
@@ -88,8 +99,11 @@ class GatedNetwork(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters several tasks read: the stem and the shared stream."""
+        return self._shared_parameters(self.items)
+
+    def _shared_parameters(self, items: Iterable[GatedItem]) -> list[nn.Parameter]:
         params = list(self.stem.parameters())
-        for item in self.items:
+        for item in items:
             if isinstance(item, (GatedUnit, GatedBasicBlock, GatedTransformerBlock)) or (
                     isinstance(item, GatedStreamOp) and item.per_stream):
                 params += list(item.shared.parameters())
@@ -231,6 +245,10 @@ def build_gated_network(shared: nn.Module, tasks: Mapping[str, nn.Module], heads
                              "InterroGate needs the same backbone for every stream")
     shared = copy.deepcopy(shared)
     branches = [copy.deepcopy(tasks[t]) for t in names]
+    for copied in (shared, *branches):  # a task's φ'_t may be the very tensor another stream reads (gates.py)
+        for m in copied.modules():
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
     items: list[GatedItem] = []
     for kind, paths in _plan(shared):
         name = paths[0]
