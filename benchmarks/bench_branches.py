@@ -21,7 +21,8 @@ makes them run one after another (``loop``) or as one ``torch.func.vmap`` call (
    ``compile(kept_only=True)``) and what the compiled network computes (its first layer merged, its copies
    widened to aligned widths), divided by the STL networks in their faster mode (the compiled network
    is timed in both modes only if it has a ``branch_mode``); its outputs are checked against the gated
-   network's (recorded, not a test);
+   network's (recorded, not a test); beside it, its weight layers alone (every Conv2d and Linear on the
+   input a forward pass gave it) ÷ the STL networks' weight layers alone;
 6. the operators each training step dispatches, in each mode (views and reads of a number into Python
    excluded; counted on the device the benchmark runs on): on a GPU each is at least one kernel launch,
    and these small steps are bound by launches there (one H200: naive MTL's step 6.7 ms for 1.3 ms of
@@ -334,6 +335,25 @@ def training(task_list, shape, x, y, device, rounds: int) -> tuple[dict, list[di
     return med, checks, {k: dispatched_ops(f) for k, f in fns.items() if k != "interrogate_gate_ops"}
 
 
+def weight_layers_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """``model``'s weight layers (every ``Conv2d`` and ``Linear``) alone, each on a copy of the input one
+    forward pass of ``model`` gives it: what its matrix products and convolutions cost, without the
+    elementwise layers, mixtures, concatenations and gathers between them."""
+    calls: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append((m, args[0].clone())))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def run() -> None:
+        for m, inp in calls:
+            m(inp)
+    return run
+
+
 @torch.no_grad()
 def inference(task_list, shape, x, device, rounds: int) -> tuple[list[dict], bool]:
     """Compiled InterroGate vs the 8 single-task networks (eval, no grad) for each forced gate pattern."""
@@ -362,9 +382,11 @@ def inference(task_list, shape, x, device, rounds: int) -> tuple[list[dict], boo
     else:
         compiled = {label: {"once": c["loop"]} for label, c in compiled.items()}
     fns: dict[str, Callable[[], object]] = {f"stl@{mode}": (lambda m=m: m(x)) for mode, m in stl.items()}
+    fns["stl_layers"] = weight_layers_fn(stl["loop"], x)
     for label, by_mode in compiled.items():
         for mode, net in by_mode.items():
             fns[f"{label}@{mode}"] = (lambda n=net: n(x))
+        fns[f"{label}_layers"] = weight_layers_fn(next(iter(by_mode.values())), x)
     med = time_interleaved(fns, rounds, device)
     rows = []
     for label, frac in PATTERNS.items():
@@ -373,6 +395,8 @@ def inference(task_list, shape, x, device, rounds: int) -> tuple[list[dict], boo
                "flops_ratio": flops / stl_flops, "kept_flops": kept_flops[label],
                "kept_flops_ratio": kept_flops[label] / stl_flops, "max_rel_diff_vs_gated": max_rel_diff[label],
                "stl_ms": {m: 1e3 * med[f"stl@{m}"] for m in MODES},
+               # the weight layers alone (no mixture, assembly or elementwise layer), compiled ÷ STL loop
+               "weight_layers_ratio": med[f"{label}_layers"] / med["stl_layers"],
                "compiled_ms": {m: 1e3 * med[f"{label}@{m}"] for m in modes}}
         # time ÷ the STL networks in their faster mode, the ones the compiled network replaces (a compiled
         # network without branch_mode has one time for both modes)
@@ -492,16 +516,21 @@ def markdown(result: dict) -> str:
                                          "has no `branch_mode`: timed once.") + " Time ÷ STL divides by the STL "
               "networks' faster mode. FLOPs ÷ STL: the kept channels alone (the pruned network the paper counts) / "
               "what the compiled network computes (first layer merged, copies widened to aligned widths). Its outputs "
-              "vs the gated network's: largest relative difference.",
-              "", "| gates | FLOPs ÷ STL (kept / computed) | compiled ms (loop / stacked) | STL ms (loop / stacked) | "
-              "time ÷ STL, loop | time ÷ STL, stacked | outputs vs gated |", "|---|---|---|---|---|---|---|"]
+              "vs the gated network's: largest relative difference. Weight layers alone: every Conv2d and Linear of "
+              "the compiled network, each run on the input a forward pass gave it, ÷ the same for the STL networks "
+              "(loop): the time its convolutions and matrix products take at their widths, before any mixture, "
+              "concatenation, gather or elementwise layer.",
+              "", "| gates | FLOPs ÷ STL (kept / computed) | weight layers alone ÷ STL | compiled ms (loop / stacked) | "
+              "STL ms (loop / stacked) | time ÷ STL, loop | time ÷ STL, stacked | outputs vs gated |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["inference"]:
         cm = r["compiled_ms"]
         compiled_ms = f"{cm['once']:.2f}" if "once" in cm else f"{cm['loop']:.2f} / {cm['stacked']:.2f}"
-        lines.append(f"| {r['pattern']} | {r['kept_flops_ratio']:.3f} / {r['flops_ratio']:.3f} | {compiled_ms} | "
+        lines.append(f"| {r['pattern']} | {r['kept_flops_ratio']:.3f} / {r['flops_ratio']:.3f} | "
+                     f"{r['weight_layers_ratio']:.2f} | {compiled_ms} | "
                      f"{r['stl_ms']['loop']:.2f} / {r['stl_ms']['stacked']:.2f} | {r['time_ratio']['loop']:.2f} | "
                      f"{r['time_ratio']['stacked']:.2f} | {r['max_rel_diff_vs_gated']:.1e} |")
-    lines += [f"| largest over the mixed patterns | | | | {per['loop']['compiled_inference_over_stl']:.2f} | "
+    lines += [f"| largest over the mixed patterns | | | | | {per['loop']['compiled_inference_over_stl']:.2f} | "
               f"{per['stacked']['compiled_inference_over_stl']:.2f} | |", "",
               f"## Sanity: one batch's losses and gradients, stacked vs loop from the same weights (relative "
               f"difference <= {TOLERANCE:g} for the losses, <= {GRAD_TOLERANCE:g} for each parameter's gradient)", "",

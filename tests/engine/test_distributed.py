@@ -10,6 +10,7 @@ The two ranks are two processes started here with torchrun's variables (``distri
 running while this process computes the same scenarios alone.
 """
 
+import copy
 import json
 import os
 import socket
@@ -319,6 +320,22 @@ def test_compile_option_trains_compiled_trunks(monkeypatch):
     assert compiled  # the stem and the branch
     assert all(not k.startswith("_orig_mod") for k in result.model.state_dict())
     assert torch.allclose(plain, out, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_option_compiles_a_model_with_its_own_compile_method(monkeypatch):
+    """InterroGate's gated network has a ``compile`` of its own (the pruned network); ``train.compile``
+    must still compile it in place with torch (it once called the pruning and trained uncompiled)."""
+    from taskgrouping.engine.trainer import compile_trunks
+    from taskgrouping.methods.interrogate import build_gated_network
+
+    real_compile = torch.nn.Module.compile
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **kw: compiled.append(type(self).__name__) or real_compile(self, backend="eager"))
+    shared = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    net = build_gated_network(shared, {"a": copy.deepcopy(shared)}, {"a": torch.nn.Linear(3, 1)})
+    compile_trunks(net)
+    assert compiled == ["GatedNetwork"] and net._compiled_call_impl is not None
 
 
 @pytest.mark.parametrize("command", ["balance-bench", "interrogate-sweep"])

@@ -390,7 +390,8 @@ def compile_trunks(model: nn.Module) -> None:
 
     trunks = [m for b in model.modules() if isinstance(b, BranchedModel) for m in (b.stem, *b.branches)]
     for module in trunks or [model]:
-        module.compile()
+        # torch's in-place compile even where a model defines its own ``compile`` (InterroGate's pruning)
+        nn.Module.compile(module)
 
 
 # settings a checkpoint must share with the run that continues it (the epoch count may grow)

@@ -112,8 +112,8 @@ class _SelectMix(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # outputs nothing reads send back None, not a tensor of zeros
         masks = gates.detach() > 0.5
         ctx.dim, ctx.on_cut = dim, on_cut
-        ctx.kinds = ["own" if bool(masks[t].all()) else "shared" if not bool(masks[t].any()) else "mixed"
-                     for t in range(len(own))]
+        every, some = torch.stack([masks.all(1), masks.any(1)]).tolist()  # one read (one sync on a GPU)
+        ctx.kinds = ["own" if every[t] else "mixed" if some[t] else "shared" for t in range(len(own))]
         outs = []
         for t, o in enumerate(own):
             kind = ctx.kinds[t]
