@@ -56,6 +56,13 @@ class Objective(Protocol):
         (one more epoch than planned: the run may go past ``train.epochs``)."""
         ...
 
+    def after_validation(self, epoch: int, model: nn.Module, val: dict[str, dict[str, float]]
+                         ) -> dict[str, Any] | None:
+        """After the epoch's validation (``val``: task -> metrics): facts merged into its log record. The
+        trainer reads ``stop: True`` (end training after this epoch, e.g. when every candidate network of a
+        stack has run out of patience)."""
+        ...
+
     def state_dict(self) -> dict[str, Any] | None:
         """JSON-able state saved in checkpoints (``None``: nothing to save)."""
         ...
@@ -79,6 +86,10 @@ class ObjectiveBase:
         return None
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, Any] | None:
+        return None
+
+    def after_validation(self, epoch: int, model: nn.Module, val: dict[str, dict[str, float]]
+                         ) -> dict[str, Any] | None:
         return None
 
     def state_dict(self) -> dict[str, Any] | None:

@@ -11,7 +11,11 @@ directory); the pieces every job shares (data, seed, training settings) travel o
   worker sets ``torch.set_num_threads(1)``; as with any spawned pool, a script that starts it must
   guard its entry point with ``if __name__ == "__main__":``);
 * ``"ray"``: as Ray tasks (optional extra: ``pip install 'taskgrouping[ray]'``; a multi-machine
-  cluster needs the checkpoint directories on a shared file system).
+  cluster needs the checkpoint directories on a shared file system);
+* ``"stacked"``: in this process, the jobs of one architecture and epoch count joined into one network
+  trained once (:mod:`taskgrouping.engine.candidate_stack`; with ``train.branches`` stacked, one vmapped
+  call for all their trunks, where a GPU is launch-bound), each job with its own selection and early stopping
+  and the result it would have alone.
 
 A job's outcome does not depend on where it ran: the model is initialised from ``torch.manual_seed
 (seed)`` and the trainer reseeds torch at every epoch, so the backends give bit-for-bit the same
@@ -43,8 +47,8 @@ from taskgrouping.models.branched import BranchedModel
 if TYPE_CHECKING:
     from taskgrouping.engine.job_cache import JobCache
 
-Backend = Literal["sequential", "processes", "ray"]
-BACKENDS: tuple[str, ...] = ("sequential", "processes", "ray")
+Backend = Literal["sequential", "processes", "ray", "stacked"]
+BACKENDS: tuple[str, ...] = ("sequential", "processes", "ray", "stacked")
 
 __all__ = ["Backend", "BACKENDS", "TrainingJob", "JobResult", "build_network", "train_job",
            "run_jobs", "assemble_networks"]
@@ -184,9 +188,9 @@ def run_jobs(ctx: RunContext, jobs: Sequence[TrainingJob], backend: Backend = "s
     """Train every job and return the results in the order of ``jobs``.
 
     Args:
-        backend: ``"sequential"``, ``"processes"`` or ``"ray"`` (see the module docstring).
+        backend: ``"sequential"``, ``"processes"``, ``"ray"`` or ``"stacked"`` (see the module docstring).
         workers: processes (or concurrent Ray tasks) at once; ``None`` = ``os.cpu_count()``.
-            Ignored by the sequential backend.
+            Ignored by the sequential and stacked backends.
         cache: finished jobs found there are not trained again, and every job is stored there as
             soon as it finishes (used only when ``ctx.data_key`` identifies the data).
         on_result: called with ``(result, from_cache)`` as each result becomes available.
@@ -195,9 +199,16 @@ def run_jobs(ctx: RunContext, jobs: Sequence[TrainingJob], backend: Backend = "s
         cpus_per_job, gpus_per_job: Ray resources of one job (fractions allowed).
 
     Raises:
-        ValueError: unknown backend, bad ``workers``, duplicate job tags, Ray missing.
+        ValueError: unknown backend, bad ``workers``, duplicate job tags, Ray missing, settings that would
+            couple the networks of a stack.
     """
     check_backend(backend, workers)
+    if backend == "stacked":
+        from taskgrouping.engine.candidate_stack import stack_refusal
+
+        reason = stack_refusal(ctx)
+        if reason is not None:
+            raise ValueError(f"backend 'stacked' trains the candidate networks as one network: {reason}")
     if backend == "ray" and not gpus_per_job and resolve_device(ctx.train.device).type == "cuda":
         raise ValueError(f"backend 'ray' with gpus_per_job 0 hides the GPU from every job (Ray gives a task only "
                          f"the GPUs it asks for) while train.device {ctx.train.device!r} is CUDA here: set "
@@ -240,6 +251,19 @@ def _train_all(ctx: RunContext, jobs: list[TrainingJob], backend: str, workers: 
     if backend == "sequential":
         for j in jobs:
             yield train_job(ctx, j)
+        return
+    if backend == "stacked":
+        from taskgrouping.engine.candidate_stack import stack_groups, train_stack
+
+        done: dict[int, JobResult] = {}
+        ready = 0
+        for group in stack_groups(jobs):
+            group_jobs = [jobs[i] for i in group]
+            results = train_stack(ctx, group_jobs) if len(group) > 1 else [train_job(ctx, group_jobs[0])]
+            done.update(zip(group, results))
+            while ready in done:
+                yield done.pop(ready)
+                ready += 1
         return
     if backend == "processes":
         import multiprocessing

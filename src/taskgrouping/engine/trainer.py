@@ -248,6 +248,7 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         val_loss = total_loss(val)
         record["val"] = val
         record["val_total_loss"] = val_loss
+        record.update(objective.after_validation(epoch, model, val) or {})
         if scheduler is not None:
             scheduler.step(val_loss) if config.schedule == "plateau" else scheduler.step()
         score = val_loss if config.select_metric == "loss" else selection_score(val, config.select_metric)
@@ -274,7 +275,8 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
             log(record)
         if writer is not None:
             _write_tensorboard(writer, record)
-        stopped = bool(config.early_stopping and run.best["bad_epochs"] >= config.early_stopping)
+        stopped = bool(config.early_stopping and run.best["bad_epochs"] >= config.early_stopping) or bool(
+            record.get("stop"))
         if ckpt is not None:
             ckpt.save(model, run.best_weights, optimizer, {
                 "epoch": epoch if not stopped else planned - 1, "history": run.history, "best": run.best,

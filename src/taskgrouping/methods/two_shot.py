@@ -29,8 +29,9 @@ from taskgrouping.engine.trainer import resolve_device
 
 @dataclass(frozen=True)
 class FanoutOptions(MethodOptions):
-    """Options of every method that fans trainings out: ``backend`` (``sequential``, ``processes`` or
-    ``ray``), ``workers`` (processes or Ray tasks at once; ``None`` = one per CPU), and for Ray
+    """Options of every method that fans trainings out: ``backend`` (``sequential``, ``processes``, ``ray`` or
+    ``stacked``: the networks of one shape trained as one, :mod:`taskgrouping.engine.candidate_stack`),
+    ``workers`` (processes or Ray tasks at once; ``None`` = one per CPU), and for Ray
     ``ray_address`` (a running cluster; ``None``: ``RAY_ADDRESS`` if set, else a local Ray) and the
     resources of one job, ``cpus_per_job`` and ``gpus_per_job`` (fractions allowed)."""
 
