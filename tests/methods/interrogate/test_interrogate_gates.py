@@ -4,6 +4,7 @@ the gated network at the extreme gate patterns, and networks or gates it must re
 from __future__ import annotations
 
 import copy
+import gc
 import math
 
 import pytest
@@ -136,6 +137,28 @@ def test_select_and_mix_second_derivatives_are_the_formulas():
         second.append(torch.autograd.grad(sum(g.square().sum() for g in grads), [alpha, beta, shared]))
     for a, b in zip(*second):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_select_and_mix_leaves_no_reference_cycle():
+    """The node keeps what its backward pass needs through ``save_for_backward`` (an output kept as an
+    attribute of ``ctx`` would hold a cycle, and every step's activations until the garbage collector ran)."""
+    alpha = _gate_logits("mixed", 3, 4).requires_grad_(True)
+    beta = torch.randn(4, 3, requires_grad=True)
+
+    def step() -> None:
+        shared, own = torch.randn(2, 4, 5, requires_grad=True), [torch.randn(2, 4, 5, requires_grad=True)
+                                                                 for _ in range(3)]
+        mixed, out = select_and_mix(straight_through_gate(alpha), torch.softmax(beta, 1), shared, own, 1, True)
+        (mixed.sum() + sum(o.sum() for o in out)).backward()
+    step()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            step()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 class OpCounter(TorchDispatchMode):

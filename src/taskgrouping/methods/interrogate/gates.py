@@ -123,14 +123,17 @@ class _SelectMix(torch.autograd.Function):
         if not need_mix:
             ctx.mark_non_differentiable(mixed)
         ctx.need_mix = need_mix
-        # a mixed task's φ'_t is kept for β's gradient (the mixture's own backward would keep it too)
-        ctx.selected = {t: outs[t] for t, kind in enumerate(ctx.kinds) if kind == "mixed" and need_mix}
-        ctx.save_for_backward(gates, weights, shared, *own)
+        # a mixed task's φ'_t is kept for β's gradient (the mixture's own backward would keep it too); outputs
+        # are saved through save_for_backward, never as attributes of ctx (a reference cycle)
+        ctx.selected = [t for t, kind in enumerate(ctx.kinds) if kind == "mixed" and need_mix]
+        ctx.save_for_backward(gates, weights, shared, *own, *(outs[t] for t in ctx.selected))
         return (mixed, *outs)
 
     @staticmethod
     def backward(ctx, grad_mix: Tensor | None, *grad_outs: Tensor | None):
-        gates, weights, shared, *own = ctx.saved_tensors
+        gates, weights, shared, *rest = ctx.saved_tensors
+        own = rest[:len(ctx.kinds)]
+        selected_outs = dict(zip(ctx.selected, rest[len(ctx.kinds):]))
         dim, exact = ctx.dim, torch.is_grad_enabled()
         grad_mix = grad_mix if ctx.need_mix else None
         d_gates = torch.zeros_like(gates) if ctx.needs_input_grad[0] else None
@@ -145,7 +148,7 @@ class _SelectMix(torch.autograd.Function):
                 g = grad_mix * w if g is None else torch.addcmul(g, grad_mix, w)
             gate = _channel_view(gates[t], o.ndim, dim).to(o.dtype)
             if grad_mix is not None and d_weights is not None:
-                selected = (torch.lerp(shared, o, gate) if exact else ctx.selected[t] if kind == "mixed"
+                selected = (torch.lerp(shared, o, gate) if exact else selected_outs[t] if kind == "mixed"
                             else o if kind == "own" else shared)
                 d_weights[:, t] = _channel_dot(grad_mix, selected, dim).to(weights.dtype)
             if g is None:
