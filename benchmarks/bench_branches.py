@@ -595,7 +595,7 @@ def main() -> None:
                   "train_rounds": train_rounds, "inference_rounds": infer_rounds, "warmup_steps": WARMUP_STEPS,
                   "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
                   "platform": platform.platform(), "git_revision": git_revision(),
-                  # glibc's malloc settings, if the run set any: they move the compiled network's time (README)
+                  # glibc's malloc settings, if the run set any (README: they can move the compiled network's time)
                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                   "seconds": round(time.perf_counter() - started, 1)},
         "mode": auto, "by_mode": per, "median_step_ms": {k: 1e3 * v for k, v in med.items()}, "ops_per_step": ops,

@@ -50,6 +50,17 @@ def test_a_stack_gives_every_candidate_its_result_alone_bit_for_bit(ctx):
     assert len({r.epochs_run for r in stacked[:3]}) > 1 and max(r.epochs_run for r in stacked[:3]) < 10
 
 
+def test_workers_caps_the_networks_in_one_stack(ctx, monkeypatch):
+    import taskgrouping.engine.candidate_stack as candidate_stack
+
+    sizes = []
+    real = candidate_stack.train_stack
+    monkeypatch.setattr(candidate_stack, "train_stack", lambda run, jobs: sizes.append(len(jobs)) or real(run, jobs))
+    run = replace(ctx, train=replace(ctx.train, epochs=1))
+    results = run_jobs(run, _jobs(), backend="stacked", workers=2)
+    assert sizes == [2] and [r.tag for r in results] == ["a", "b", "c", "d"]  # c and d train alone
+
+
 def test_stacked_trunks_give_the_loops_results_to_float_rounding(ctx):
     run = replace(ctx, train=replace(ctx.train, branches="stacked", early_stopping=0, epochs=2))
     loop = run_jobs(replace(run, train=replace(run.train, branches="loop")), _jobs()[:3], backend="stacked")

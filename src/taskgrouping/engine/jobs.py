@@ -189,8 +189,9 @@ def run_jobs(ctx: RunContext, jobs: Sequence[TrainingJob], backend: Backend = "s
 
     Args:
         backend: ``"sequential"``, ``"processes"``, ``"ray"`` or ``"stacked"`` (see the module docstring).
-        workers: processes (or concurrent Ray tasks) at once; ``None`` = ``os.cpu_count()``.
-            Ignored by the sequential and stacked backends.
+        workers: processes (or concurrent Ray tasks) at once; ``None`` = ``os.cpu_count()``. For the stacked
+            backend, the most networks in one stack (``None``: every network of one shape). Ignored by the
+            sequential backend.
         cache: finished jobs found there are not trained again, and every job is stored there as
             soon as it finishes (used only when ``ctx.data_key`` identifies the data).
         on_result: called with ``(result, from_cache)`` as each result becomes available.
@@ -257,7 +258,8 @@ def _train_all(ctx: RunContext, jobs: list[TrainingJob], backend: str, workers: 
 
         done: dict[int, JobResult] = {}
         ready = 0
-        for group in stack_groups(jobs):
+        groups = [g[i:i + (workers or len(g))] for g in stack_groups(jobs) for i in range(0, len(g), workers or len(g))]
+        for group in sorted(groups):
             group_jobs = [jobs[i] for i in group]
             results = train_stack(ctx, group_jobs) if len(group) > 1 else [train_job(ctx, group_jobs[0])]
             done.update(zip(group, results))
