@@ -92,8 +92,22 @@ def test_the_stack_ends_once_every_candidate_has_stopped(ctx, monkeypatch):
         epochs_trained.append(len(result.history))
         return result
     monkeypatch.setattr(candidate_stack, "train", train)
+    trained_batches = {}  # candidate -> training forward passes of its trunk (a stopped candidate runs no more)
+    real_build = candidate_stack.CandidateStack.__init__
+
+    def count(self, networks):
+        real_build(self, networks)
+        for k, branch in enumerate(self.joined.branches):
+            trained_batches[k] = 0
+
+            def hook(module, inputs, output, k=k):
+                trained_batches[k] += module.training
+            branch.register_forward_hook(hook)
+    monkeypatch.setattr(candidate_stack.CandidateStack, "__init__", count)
     results = run_jobs(ctx, _jobs()[:3], backend="stacked")
     assert epochs_trained == [max(r.epochs_run for r in results)] and epochs_trained[0] < ctx.train.epochs
+    batches = -(-len(ctx.data.train) // ctx.train.batch_size)
+    assert [trained_batches[k] for k in range(3)] == [r.epochs_run * batches for r in results]
 
 
 def _without_time(state: dict) -> dict:

@@ -8,8 +8,8 @@ heads that branch's heads, so ``train.branches`` runs the trunks as one vmapped 
 after another (loop). The stack is trained by the one trainer on the sum of every candidate's task losses;
 the candidates share no parameter, so each gets exactly its own gradient, and Adam's update is elementwise.
 Selection and early stopping are per candidate (:class:`_PerCandidateSelection`: each keeps the weights of
-its own best validation epoch and stops counting once its patience has run out; the stack ends when every
-candidate has stopped). In loop mode, without dropout, each candidate's losses, weights and metrics are
+its own best validation epoch; one that has run out of patience trains no more, and the stack ends when
+every candidate has stopped). In loop mode, without dropout, each candidate's losses, weights and metrics are
 bit for bit those of training it alone (tested); stacked, equal to float rounding.
 
 What would couple the candidates is refused (:func:`stack_refusal`): a balancer other than equal weighting,
@@ -53,23 +53,32 @@ def _key(k: int, task: str) -> str:
 
 class CandidateStack(nn.Module):
     """One-branch candidate networks as one module: ``forward(x)`` gives ``{"k/task": prediction}`` for
-    every head of every candidate ``k``. The candidates' modules are shared, not copied: training the
-    stack trains ``networks[k]``."""
+    every head of every candidate ``k`` still ``active`` (one that has stopped runs no more),
+    :meth:`all_predictions` for every candidate. The candidates' modules are shared, not copied (and
+    registered once, through ``joined``): training the stack trains ``networks[k]``."""
 
     def __init__(self, networks: Sequence[BranchedModel]) -> None:
         super().__init__()
         for k, net in enumerate(networks):
             if len(net.branches) != 1:
                 raise ValueError(f"candidate {k} has {len(net.branches)} branches; a stack joins one-branch networks")
-        self.networks = nn.ModuleList(networks)
+        self.networks = list(networks)
+        self.active = [True] * len(networks)
         heads = [{t: net.head(0, t) for t in net.groups[0]} for net in networks]
         serves = {_key(k, t): k for k, h in enumerate(heads) for t in h}
         self.joined = BranchedModel(nn.Identity(), [nn.Sequential(net.stem, net.branches[0]) for net in networks],
                                     [{_key(k, t): m for t, m in h.items()} for k, h in enumerate(heads)], serves)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        preds, _ = self.joined.forward_heads(x)
+    def _predictions(self, x: Tensor, candidates: Sequence[int]) -> dict[str, Tensor]:
+        keys = [(k, _key(k, t)) for k in candidates for t in self.networks[k].groups[0]]
+        preds, _ = self.joined.forward_heads(x, keys)
         return {t: p for (_, t), p in preds.items()}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self._predictions(x, [k for k, on in enumerate(self.active) if on])
+
+    def all_predictions(self, x: Tensor) -> dict[str, Tensor]:
+        return self._predictions(x, range(len(self.networks)))
 
 
 class _RenamedTargets:
@@ -139,6 +148,9 @@ class _PerCandidateSelection(TaskLossObjective):
                 best["bad"] += 1
             if self.patience and best["bad"] >= self.patience:
                 self.stopped_at[k] = epoch
+                self.stack.active[k] = False  # trains no more: no forward or backward pass, no optimiser step
+                for t in net.groups[0]:
+                    del self.tasks[_key(k, t)]
             if self.stopped_at[k] is not None or epoch == self.epochs - 1:
                 self._finish(k, epoch)
         return {"stop": all(s is not None for s in self.stopped_at)}
@@ -197,6 +209,7 @@ def train_stack(run: RunContext, jobs: Sequence[Any]) -> list[Any]:
                    _RenamedTargets(loader("val", shuffle=False), names), stacked_tasks,
                    replace(alone, select="last", early_stopping=0), seed=run.seed, objective=objective,
                    balancer=get_balancer("ew", tasks=[t.name for t in stacked_tasks]),
+                   predict=lambda model, x: model.all_predictions(x),  # every candidate scored every epoch
                    callbacks=[objective.optimizer_ref], desc=f"stack of {len(jobs)}")
     test_loader = loader("test", shuffle=False)
     out = []
