@@ -34,10 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from taskgrouping.balancing.base import get_balancer
+from taskgrouping.engine.checkpoint import Checkpoint
 from taskgrouping.engine.distributed import Ranks
 from taskgrouping.engine.evaluation import evaluate, total_loss
 from taskgrouping.engine.fit import RunContext, loader_factory
-from taskgrouping.engine.checkpoint import Checkpoint
 from taskgrouping.engine.hooks import CallbackBase, TaskLossObjective
 from taskgrouping.engine.trainer import TrainConfig, make_optimizer, make_scheduler, train
 from taskgrouping.io import tensor_bytes
