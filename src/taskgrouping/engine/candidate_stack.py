@@ -40,6 +40,7 @@ from taskgrouping.engine.evaluation import evaluate, total_loss
 from taskgrouping.engine.fit import RunContext, loader_factory
 from taskgrouping.engine.hooks import CallbackBase, TaskLossObjective
 from taskgrouping.engine.trainer import TrainConfig, make_optimizer, make_scheduler, train
+from taskgrouping.engine.jobs import JobResult, assemble_networks, build_network
 from taskgrouping.io import tensor_bytes
 from taskgrouping.metrics import improves, selection_score
 from taskgrouping.models.branched import BranchedModel
@@ -59,20 +60,17 @@ class CandidateStack(nn.Module):
 
     def __init__(self, networks: Sequence[BranchedModel]) -> None:
         super().__init__()
-        for k, net in enumerate(networks):
-            if len(net.branches) != 1:
-                raise ValueError(f"candidate {k} has {len(net.branches)} branches; a stack joins one-branch networks")
         self.networks = list(networks)
         self.active = [True] * len(networks)
-        heads = [{t: net.head(0, t) for t in net.groups[0]} for net in networks]
-        serves = {_key(k, t): k for k, h in enumerate(heads) for t in h}
-        self.joined = BranchedModel(nn.Identity(), [nn.Sequential(net.stem, net.branches[0]) for net in networks],
-                                    [{_key(k, t): m for t, m in h.items()} for k, h in enumerate(heads)], serves)
+        serves: dict[str, int] = {}
+        for k, net in enumerate(networks):
+            for t in net.groups[0]:
+                serves.setdefault(t, k)
+        self.joined = assemble_networks(networks, serves)  # branch k: candidate k's stem and branch, its heads
 
     def _predictions(self, x: Tensor, candidates: Sequence[int]) -> dict[str, Tensor]:
-        keys = [(k, _key(k, t)) for k in candidates for t in self.networks[k].groups[0]]
-        preds, _ = self.joined.forward_heads(x, keys)
-        return {t: p for (_, t), p in preds.items()}
+        preds, _ = self.joined.forward_heads(x, [(k, t) for k in candidates for t in self.networks[k].groups[0]])
+        return {_key(k, t): p for (k, t), p in preds.items()}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self._predictions(x, [k for k, on in enumerate(self.active) if on])
@@ -139,7 +137,7 @@ class _PerCandidateSelection(TaskLossObjective):
             if self.stopped_at[k] is not None:
                 continue
             mine = {t: val[_key(k, t)] for t in net.groups[0]}
-            score = total_loss(mine) if self.metric == "loss" else selection_score(mine, self.metric)
+            score = selection_score(mine, self.metric)
             best = self.best[k]
             if self.select == "last" or best["epoch"] < 0 or improves(score, best["score"]):
                 best.update(epoch=epoch, score=score, val_loss=total_loss(mine), bad=0)
@@ -191,8 +189,6 @@ def stack_groups(jobs: Sequence[Any]) -> list[list[int]]:
 def train_stack(run: RunContext, jobs: Sequence[Any]) -> list[Any]:
     """Train ``jobs`` (one :func:`stack_groups` group) as one :class:`CandidateStack`; one
     :class:`~taskgrouping.engine.jobs.JobResult` per job, in order."""
-    from taskgrouping.engine.jobs import JobResult, build_network
-
     networks = [build_network(run, job) for job in jobs]
     stack = CandidateStack(networks)
     data_tasks = {t.name: t for t in run.data.tasks}
