@@ -27,7 +27,7 @@ import copy
 import json
 import math
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -39,7 +39,7 @@ from taskgrouping.engine.distributed import Ranks
 from taskgrouping.engine.evaluation import evaluate, total_loss
 from taskgrouping.engine.fit import RunContext, loader_factory
 from taskgrouping.engine.hooks import CallbackBase, TaskLossObjective
-from taskgrouping.engine.trainer import TrainConfig, make_optimizer, make_scheduler, train
+from taskgrouping.engine.trainer import TrainConfig, checkpoint_state, make_optimizer, make_scheduler, train
 from taskgrouping.engine.jobs import JobResult, assemble_networks, build_network
 from taskgrouping.io import tensor_bytes
 from taskgrouping.metrics import improves, selection_score
@@ -104,33 +104,21 @@ class _OptimizerRef(CallbackBase):
         self.optimizer = optimizer
 
 
-def _clone(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {n: v.detach().clone() for n, v in state.items()}
-
-
 class _PerCandidateSelection(TaskLossObjective):
     """The stack's objective: every candidate's task losses (keys ``k/task``), and after each validation
-    every candidate's own selection and patience, as the trainer keeps them for a network alone; when a
-    candidate is done (out of patience, or the last epoch) its weights and optimiser state are kept as
-    they are then (``final``), for the checkpoint its own training would end with."""
+    every candidate's own selection and patience, as the trainer keeps them for a network alone. A candidate
+    out of patience leaves the stack's training (``stack.active``), so its weights and optimiser state stay
+    as they were when it stopped, for the checkpoint its own training would end with."""
 
-    def __init__(self, stack: CandidateStack, tasks: Sequence[Any], config: TrainConfig, epochs: int) -> None:
+    def __init__(self, stack: CandidateStack, tasks: Sequence[Any], config: TrainConfig) -> None:
         super().__init__(tasks)
         self.stack, self.select, self.metric = stack, config.select, config.select_metric
-        self.patience, self.epochs = int(config.early_stopping or 0), epochs
+        self.patience = int(config.early_stopping or 0)
         self.optimizer_ref = _OptimizerRef()
         n = len(stack.networks)
         self.best: list[dict[str, Any]] = [{"epoch": -1, "score": math.inf, "bad": 0} for _ in range(n)]
         self.weights: list[dict[str, Tensor] | None] = [None] * n
         self.stopped_at: list[int | None] = [None] * n
-        self.final: list[dict[str, Any] | None] = [None] * n
-
-    def _finish(self, k: int, epoch: int) -> None:
-        net = self.stack.networks[k]
-        opt = self.optimizer_ref.optimizer
-        state = [] if opt is None else [{n: v.clone() if isinstance(v, Tensor) else v for n, v in opt.state[p].items()}
-                                        for p in net.parameters() if p.requires_grad]
-        self.final[k] = {"epoch": epoch, "weights": _clone(net.state_dict()), "optimizer": state}
 
     def after_validation(self, epoch: int, model: nn.Module, val: dict[str, dict[str, float]]) -> dict[str, Any]:
         for k, net in enumerate(self.stack.networks):
@@ -141,7 +129,7 @@ class _PerCandidateSelection(TaskLossObjective):
             best = self.best[k]
             if self.select == "last" or best["epoch"] < 0 or improves(score, best["score"]):
                 best.update(epoch=epoch, score=score, val_loss=total_loss(mine), bad=0)
-                self.weights[k] = _clone(net.state_dict())
+                self.weights[k] = {n: v.detach().clone() for n, v in net.state_dict().items()}
             else:
                 best["bad"] += 1
             if self.patience and best["bad"] >= self.patience:
@@ -149,8 +137,6 @@ class _PerCandidateSelection(TaskLossObjective):
                 self.stack.active[k] = False  # trains no more: no forward or backward pass, no optimiser step
                 for t in net.groups[0]:
                     del self.tasks[_key(k, t)]
-            if self.stopped_at[k] is not None or epoch == self.epochs - 1:
-                self._finish(k, epoch)
         return {"stop": all(s is not None for s in self.stopped_at)}
 
 
@@ -199,7 +185,7 @@ def train_stack(run: RunContext, jobs: Sequence[Any]) -> list[Any]:
             names.setdefault(t, []).append(_key(k, t))
             stacked_tasks.append(replace(data_tasks[t], name=_key(k, t)))
     alone = run.train if jobs[0].epochs is None else replace(run.train, epochs=int(jobs[0].epochs))
-    objective = _PerCandidateSelection(stack, stacked_tasks, alone, alone.epochs)
+    objective = _PerCandidateSelection(stack, stacked_tasks, alone)
     loader = loader_factory(run.data, alone)
     result = train(stack, _RenamedTargets(loader("train", shuffle=True), names),
                    _RenamedTargets(loader("val", shuffle=False), names), stacked_tasks,
@@ -210,11 +196,10 @@ def train_stack(run: RunContext, jobs: Sequence[Any]) -> list[Any]:
     test_loader = loader("test", shuffle=False)
     out = []
     for k, (job, net) in enumerate(zip(jobs, networks)):
-        final = objective.final[k]
-        assert final is not None and objective.weights[k] is not None  # every candidate finishes by the last epoch
-        history = [_own_record(h, k, net.groups[0], len(jobs)) for h in result.history if h["epoch"] <= final["epoch"]]
-        net.load_state_dict(final["weights"])
-        if job.checkpoint_dir is not None:
+        stopped = objective.stopped_at[k]
+        last = stopped if stopped is not None else result.history[-1]["epoch"]
+        history = [_own_record(h, k, net.groups[0], len(jobs)) for h in result.history if h["epoch"] <= last]
+        if job.checkpoint_dir is not None:  # net holds its weights as they were when it stopped
             _save_checkpoint(run, job.checkpoint_dir, net, objective, k, alone, history)
         if alone.select == "best_val":
             net.load_state_dict(objective.weights[k])
@@ -228,29 +213,28 @@ def train_stack(run: RunContext, jobs: Sequence[Any]) -> list[Any]:
 
 def _save_checkpoint(run: RunContext, directory: str, net: BranchedModel, objective: _PerCandidateSelection,
                      k: int, config: TrainConfig, history: list[dict[str, Any]]) -> None:
-    """The checkpoint candidate ``k``'s own training would have ended with (the trainer's last save), from
-    its state when it was done: weights, best weights, optimiser and scheduler state, history, best epoch."""
-    final, best = objective.final[k], objective.best[k]
-    assert final is not None and objective.weights[k] is not None
+    """The checkpoint candidate ``k``'s own training would have ended with (the trainer's last save): its
+    weights and optimiser state as they were when it stopped (it has not trained since), its best weights,
+    the scheduler replayed to that epoch, its history and best epoch."""
+    best, stack_optimizer = objective.best[k], objective.optimizer_ref.optimizer
+    assert objective.weights[k] is not None and stack_optimizer is not None
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, [{"params": params}])
+    for p in params:
+        if p in stack_optimizer.state:  # a parameter that never had a gradient has no optimiser state alone either
+            optimizer.state[p] = stack_optimizer.state[p]
     scheduler = make_scheduler(config, optimizer)
     if scheduler is not None:
         with warnings.catch_warnings():  # replayed without optimiser steps, which torch warns about
             warnings.simplefilter("ignore", UserWarning)
-            for _ in range(final["epoch"] + 1):  # the trainer steps it once an epoch (plateau is refused)
+            for _ in range(len(history)):  # the trainer steps it once an epoch (plateau is refused)
                 scheduler.step()
-    for p, state in zip(params, final["optimizer"]):
-        if state:  # a parameter that never had a gradient has no optimiser state alone either
-            optimizer.state[p] = state
-    balancer = get_balancer("ew", tasks=list(net.groups[0]))
-    Checkpoint(directory).save(net, objective.weights[k], optimizer, {
-        "epoch": config.epochs - 1, "history": history,
-        "best": {"val_loss": best["val_loss"], "score": best["score"], "epoch": best["epoch"],
-                 "bad_epochs": best["bad"], "held": False},
-        "elapsed": float(sum(h["seconds"] for h in history)),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None, "objective": None,
-        "balancer": balancer.state_dict(), "seed": run.seed, "config": asdict(config), "callbacks": []})
+    Checkpoint(directory).save(net, objective.weights[k], optimizer, checkpoint_state(
+        config.epochs - 1, history, {"val_loss": best["val_loss"], "score": best["score"], "epoch": best["epoch"],
+                                     "bad_epochs": best["bad"], "held": False},
+        float(sum(h["seconds"] for h in history)), scheduler, TaskLossObjective([]),
+        get_balancer("ew", tasks=list(net.groups[0])), run.seed, config, []))
+
 
 def _own_record(record: dict[str, Any], k: int, tasks: Sequence[str], n: int) -> dict[str, Any]:
     """Candidate ``k``'s part of a stack's epoch record (its tasks under their own names, 1/n of the time)."""

@@ -278,11 +278,9 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
         stopped = bool(config.early_stopping and run.best["bad_epochs"] >= config.early_stopping) or bool(
             record.get("stop"))
         if ckpt is not None:
-            ckpt.save(model, run.best_weights, optimizer, {
-                "epoch": epoch if not stopped else planned - 1, "history": run.history, "best": run.best,
-                "elapsed": run.elapsed, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "objective": objective.state_dict(), "balancer": balancer.state_dict(), "seed": seed,
-                "config": asdict(config), "callbacks": [cb.state_dict() for cb in callbacks]})
+            ckpt.save(model, run.best_weights, optimizer, checkpoint_state(
+                epoch if not stopped else planned - 1, run.history, run.best, run.elapsed, scheduler, objective,
+                balancer, seed, config, callbacks))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(train=f"{sum(train_losses.values()):.4f}", val=f"{val_loss:.4f}")
         if stopped:
@@ -292,6 +290,17 @@ def train(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ta
     if config.select == "best_val":
         model.load_state_dict(run.best_weights)
     return TrainResult(model, run.history, run.best["epoch"], run.elapsed, len(run.history))
+
+
+def checkpoint_state(epoch: int, history: list[dict[str, Any]], best: dict[str, Any], elapsed: float,
+                     scheduler: Any, objective: Objective, balancer: Balancer, seed: int, config: TrainConfig,
+                     callbacks: Sequence[Callback]) -> dict[str, Any]:
+    """What a checkpoint keeps besides the tensors, as :func:`_restore` reads it back (``epoch``: the last
+    one done, ``train.epochs - 1`` once training has ended)."""
+    return {"epoch": epoch, "history": history, "best": best, "elapsed": elapsed,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "objective": objective.state_dict(), "balancer": balancer.state_dict(), "seed": seed,
+            "config": asdict(config), "callbacks": [cb.state_dict() for cb in callbacks]}
 
 
 def _train_epoch(model: nn.Module, loader: DataLoader, objective: Objective, balancer: Balancer,
